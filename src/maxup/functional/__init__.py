@@ -1,0 +1,25 @@
+"""Pure tensor operations with injectable randomness (see :mod:`maxup.augment` for the classes)."""
+from ._random import beta as sample_beta
+from .mixing import (
+    box_area,
+    box_mask,
+    crop_flip,
+    cutmix,
+    cutout,
+    gaussian_mask,
+    gaussian_noise,
+    gmix,
+    hmix,
+    mixup,
+    resizemix,
+    sample_boxes,
+    sample_cutout_boxes,
+    sample_inner_boxes,
+)
+from .targets import soft_cross_entropy, soft_targets
+
+__all__ = [
+    "box_area", "box_mask", "crop_flip", "cutmix", "cutout", "gaussian_mask", "gaussian_noise", "gmix",
+    "hmix", "mixup", "resizemix", "sample_beta", "sample_boxes", "sample_cutout_boxes", "sample_inner_boxes",
+    "soft_cross_entropy", "soft_targets",
+]

@@ -1,0 +1,218 @@
+"""Pure batch operations: noise, occlusion, crop/flip and sample mixing.
+
+Every function takes its randomness as arguments (``lam``, ``perm``, ``boxes``,
+``centers``, ``noise``, ``offsets``), works on any device, and returns new tensors
+without editing its inputs. ``lam`` may be a float (one value for the batch) or a
+(B,) tensor (one per sample). Boxes are (B, 4) integer tensors ``(y0, x0, y1, x1)``,
+half-open, in pixels. ``perm`` pairs sample i with sample ``perm[i]``; any batch
+size works, odd ones included. The ``sample_*`` helpers draw the arguments from an
+optional ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _random as R
+
+
+def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (float or (B,) tensor) as a (B,) tensor of ``like``'s dtype and device."""
+    t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"per-sample values must have shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _mix_targets(targets: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """weight * t + (1 - weight) * t[perm], weight per sample."""
+    return torch.lerp(targets[perm], targets, weight.to(targets.dtype)[:, None])
+
+
+# ---------------------------------------------------------------- boxes and masks
+
+
+def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A (B, H, W) boolean mask, True inside each sample's box."""
+    boxes = boxes.to(torch.long)
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 2:3])
+    in_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 3:4])
+    return in_rows[:, :, None] & in_cols[:, None, :]
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    """Pixel area of each box."""
+    return ((boxes[:, 2] - boxes[:, 0]).clamp_min(0) * (boxes[:, 3] - boxes[:, 1]).clamp_min(0)).to(torch.float32)
+
+
+def sample_boxes(area, height: int, width: int, *, generator=None, device=None) -> torch.Tensor:
+    """CutMix boxes: side ratio sqrt(area), centre uniform over the image, clipped to it.
+
+    ``area`` is a (B,) tensor of target area fractions; clipping makes the real area
+    smaller, which is why CutMix recomputes lambda from the box.
+    """
+    area = torch.as_tensor(area, dtype=torch.float32, device=device)
+    n = area.shape[0]
+    ratio = area.clamp(0, 1).sqrt()
+    h = (ratio * height).long()
+    w = (ratio * width).long()
+    cy = R.randint(height, (n,), generator=generator, device=device)
+    cx = R.randint(width, (n,), generator=generator, device=device)
+    y0, x0 = cy - h // 2, cx - w // 2
+    return torch.stack([y0.clamp(0, height), x0.clamp(0, width), (y0 + h).clamp(0, height), (x0 + w).clamp(0, width)], 1)
+
+
+def sample_cutout_boxes(n: int, size: tuple[int, int], height: int, width: int, *, generator=None, device=None):
+    """Cutout boxes of ``size`` (h, w) centred anywhere in the image, clipped (DeVries and Taylor 2017)."""
+    cy = R.randint(height, (n,), generator=generator, device=device)
+    cx = R.randint(width, (n,), generator=generator, device=device)
+    y0, x0 = cy - size[0] // 2, cx - size[1] // 2
+    return torch.stack(
+        [y0.clamp(0, height), x0.clamp(0, width), (y0 + size[0]).clamp(0, height), (x0 + size[1]).clamp(0, width)], 1
+    )
+
+
+def sample_inner_boxes(scale, height: int, width: int, *, generator=None, device=None) -> torch.Tensor:
+    """Boxes with sides round(scale * side) (at least 1) placed wholly inside the image (ResizeMix)."""
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=device)
+    n = scale.shape[0]
+    h = (scale * height).round().long().clamp(1, height)
+    w = (scale * width).round().long().clamp(1, width)
+    y0 = R.randint(height - h + 1, (n,), generator=generator, device=device)
+    x0 = R.randint(width - w + 1, (n,), generator=generator, device=device)
+    return torch.stack([y0, x0, y0 + h, x0 + w], 1)
+
+
+# ---------------------------------------------------------------- single-image ops
+
+
+def gaussian_noise(x: torch.Tensor, sigma, noise: torch.Tensor | None = None, *, generator=None) -> torch.Tensor:
+    """x + sigma * noise, noise ~ N(0, I) drawn from ``generator`` unless given; sigma float or (B,)."""
+    if noise is None:
+        noise = R.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.dim() == 1:
+        sigma = _bcast(sigma, x)
+    return x + sigma * noise
+
+
+def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Fill each sample's box with ``fill``; labels are unchanged."""
+    mask = box_mask(boxes.to(x.device), x.shape[-2], x.shape[-1])
+    return x.masked_fill(mask[:, None], fill)
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor, padding: int, padding_mode: str = "constant"):
+    """Pad by ``padding``, take the H x W window at ``offsets`` (B, 2) = (dy, dx) in [0, 2*padding],
+    and mirror horizontally where ``flip`` (B,) is True. Vectorised with two gathers."""
+    b, c, h, w = x.shape
+    xp = F.pad(x, (padding,) * 4, mode=padding_mode) if padding else x
+    offsets = offsets.to(device=x.device, dtype=torch.long)
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)
+    cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
+    out = xp.gather(2, rows[:, None, :, None].expand(b, c, h, xp.shape[-1]))
+    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+
+
+# ---------------------------------------------------------------- mixing ops
+
+
+def mixup(x: torch.Tensor, targets: torch.Tensor, lam, perm: torch.Tensor):
+    """Mixup (Zhang et al. 2018): ``lam * x + (1 - lam) * x[perm]``, targets alike.
+
+    Works on any input shape (images, signals, features). Returns ``(x_mix, t_mix)``.
+    """
+    lam = _per_sample(lam, x.shape[0], x)
+    return torch.lerp(x[perm], x, _bcast(lam, x)), _mix_targets(targets, perm, lam)
+
+
+def cutmix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm: torch.Tensor):
+    """CutMix (Yun et al. 2019): paste ``x[perm]`` inside each box.
+
+    The label weight of the kept image is recomputed from the clipped box:
+    ``lam = 1 - area / (H * W)``. Returns ``(x_mix, t_mix, lam)``.
+    """
+    h, w = x.shape[-2:]
+    boxes = boxes.to(x.device)
+    lam = 1.0 - box_area(boxes).expand(x.shape[0]) / (h * w)
+    out = torch.where(box_mask(boxes, h, w)[:, None], x[perm], x)
+    return out, _mix_targets(targets, perm, lam), lam
+
+
+def hmix(x: torch.Tensor, targets: torch.Tensor, lam, boxes: torch.Tensor, perm: torch.Tensor):
+    """HMix: a CutMix box pasted into a Mixup blend (after Park et al. 2022).
+
+    Outside the box the image is ``lam_m * x + (1 - lam_m) * x[perm]`` with
+    ``lam_m = min(1, lam / (1 - box_fraction))``, inside it is ``x[perm]``; so the label
+    weight of ``x`` is ``(1 - box_fraction) * lam_m``, which equals ``lam`` whenever the
+    box leaves room for it. No box gives Mixup; a box of area ``1 - lam`` gives CutMix.
+    Returns ``(x_mix, t_mix, weight)``.
+    """
+    h, w = x.shape[-2:]
+    boxes = boxes.to(x.device)
+    lam = _per_sample(lam, x.shape[0], x)
+    outside = 1.0 - box_area(boxes).expand(x.shape[0]).to(x.dtype) / (h * w)
+    lam_m = torch.where(outside > 0, (lam / outside.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(lam))
+    partner = x[perm]
+    blend = torch.lerp(partner, x, _bcast(lam_m, x))
+    out = torch.where(box_mask(boxes, h, w)[:, None], partner, blend)
+    weight = outside * lam_m
+    return out, _mix_targets(targets, perm, weight), weight
+
+
+def gaussian_mask(lam, centers: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """GMix mask ``exp(-pi |p - c|^2 / ((1 - lam) H W))`` of shape (B, H, W).
+
+    Its integral over the plane is ``(1 - lam) H W``: the partner's share before the
+    image border cuts it. Separable, so it costs two 1-D exponentials per sample.
+    ``centers`` is (B, 2) = (cy, cx) in pixel coordinates (floats).
+    """
+    centers = centers.to(torch.float32)
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=centers.device).expand(centers.shape[0])
+    spread = ((1.0 - lam) * height * width).clamp_min(1e-12)[:, None]
+    dy = torch.arange(height, device=centers.device, dtype=torch.float32) + 0.5 - centers[:, 0:1]
+    dx = torch.arange(width, device=centers.device, dtype=torch.float32) + 0.5 - centers[:, 1:2]
+    gy = torch.exp(-torch.pi * dy.square() / spread)
+    gx = torch.exp(-torch.pi * dx.square() / spread)
+    mask = gy[:, :, None] * gx[:, None, :]
+    return torch.where((lam < 1)[:, None, None], mask, torch.zeros_like(mask))
+
+
+def gmix(x: torch.Tensor, targets: torch.Tensor, lam, centers: torch.Tensor, perm: torch.Tensor):
+    """GMix (Park et al. 2022): blend ``x[perm]`` in through a Gaussian mask (any H, W).
+
+    ``x_mix = (1 - M) * x + M * x[perm]`` with ``M = gaussian_mask(lam, centers, H, W)``;
+    the label weight of ``x`` is ``1 - mean(M)``. Returns ``(x_mix, t_mix, weight)``.
+    """
+    h, w = x.shape[-2:]
+    mask = gaussian_mask(_per_sample(lam, x.shape[0], x), centers.to(x.device), h, w).to(x.dtype)
+    out = torch.lerp(x, x[perm], mask[:, None])
+    weight = 1.0 - mask.mean(dim=(1, 2))
+    return out, _mix_targets(targets, perm, weight), weight
+
+
+def resizemix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm: torch.Tensor):
+    """ResizeMix (Qin et al. 2020): paste the whole of ``x[perm]``, resized bilinearly, into each box.
+
+    The label weight of ``x`` is ``1 - area / (H * W)``. Returns ``(x_mix, t_mix, lam)``.
+    """
+    b, _, h, w = x.shape
+    boxes = boxes.to(device=x.device, dtype=torch.long)
+    size = (boxes[:, 2:] - boxes[:, :2]).to(x.dtype).clamp_min(1)
+    # normalised source coordinates (align_corners=False) of every output pixel in the partner image
+    v = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - boxes[:, 0:1]) / size[:, 0:1] * 2 - 1
+    u = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - boxes[:, 1:2]) / size[:, 1:2] * 2 - 1
+    grid = torch.stack([u[:, None, :].expand(b, h, w), v[:, :, None].expand(b, h, w)], dim=-1)
+    patch = F.grid_sample(x[perm], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = torch.where(box_mask(boxes, h, w)[:, None], patch, x)
+    lam = 1.0 - box_area(boxes) / (h * w)
+    return out, _mix_targets(targets, perm, lam), lam

@@ -1,0 +1,204 @@
+"""Objectives map ``(model, x, y)`` to a loss: :class:`ERM` and :class:`MaxUp`.
+
+An objective returns an :class:`ObjectiveResult` whose ``inputs``, ``targets`` and
+``weights`` say exactly what was trained on, so a step that needs a second pass on the
+same batch (SAM) can call :meth:`Objective.reevaluate` instead of drawing new copies.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._checks import check_int, check_positive
+from ..augment import Augmentation, Identity
+from ..functional import soft_cross_entropy, soft_targets
+
+
+@dataclass
+class ObjectiveResult:
+    """What one evaluation of an objective produced.
+
+    ``loss`` is the scalar to backpropagate and equals ``(weights * row_losses).sum()``
+    over the rows of ``inputs``; ``losses`` holds one training loss per original sample;
+    ``logits``, ``inputs`` and ``targets`` are row-aligned (the chosen copies for MaxUp).
+    """
+
+    loss: torch.Tensor
+    losses: torch.Tensor
+    logits: torch.Tensor
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    weights: torch.Tensor
+
+
+class Objective:
+    """Base class. Subclasses implement ``__call__(model, x, y, generator=None)``."""
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator=None) -> ObjectiveResult:
+        raise NotImplementedError
+
+    @staticmethod
+    def reevaluate(model: nn.Module, result: ObjectiveResult) -> ObjectiveResult:
+        """The same loss on the same rows, at the model's current weights (rows of weight 0 skipped)."""
+        keep = result.weights > 0
+        inputs, targets, weights = result.inputs, result.targets, result.weights
+        if not bool(keep.all()):
+            inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
+        logits = model(inputs)
+        rows = soft_cross_entropy(logits, targets, reduction="none")
+        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _plain(model, inputs, targets) -> ObjectiveResult:
+    logits = model(inputs)
+    if not targets.is_floating_point():
+        targets = soft_targets(targets, logits.shape[-1])
+    losses = soft_cross_entropy(logits, targets, reduction="none")
+    weights = torch.full_like(losses, 1.0 / losses.shape[0]).detach()
+    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights)
+
+
+class ERM(Objective):
+    """Empirical risk: the mean cross-entropy on one (optionally augmented) copy of the batch.
+
+    >>> objective = ERM(maxup.augment.Cutout(8, num_classes=10))
+    >>> result = objective(model, x, y)          # result.loss.backward()
+    """
+
+    def __init__(self, augment: Augmentation | None = None):
+        if augment is not None and not callable(augment):
+            raise ValueError("augment must be a maxup.augment.Augmentation (or None for no augmentation)")
+        self.augment = augment
+
+    def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
+        if self.augment is not None:
+            x, y = self.augment(x, y, generator)
+        return _plain(model, x, y)
+
+    def __repr__(self) -> str:
+        return f"ERM({self.augment!r})" if self.augment is not None else "ERM()"
+
+
+@contextlib.contextmanager
+def frozen_buffers(model: nn.Module):
+    """Run a forward pass without changing the model's buffers (BatchNorm running statistics)."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+
+
+class MaxUp(Objective):
+    """MaxUp (Gong et al. 2020): the mean over samples of the worst loss among ``m`` augmented copies.
+
+    Each copy is drawn independently (its own lambda, box, partner, noise and mixed label)
+    and the maximum is taken per sample, over that sample's copies.
+
+    Args:
+        augment: the augmentation to draw copies from (any :mod:`maxup.augment` module).
+        m: copies per sample (the paper uses 4 on images).
+        temperature: 0 takes the hard maximum (the paper); ``tau > 0`` weights the m losses
+            by ``softmax(losses / tau)`` (detached, MMEL-style); ``float("inf")`` averages.
+        include_clean: the unaugmented sample is one more candidate.
+        warmup_steps: calls with plain augmentation (one copy) before MaxUp starts.
+        mode: ``"select"`` (default for temperature 0) picks the worst copy in a no-grad
+            pass that leaves BatchNorm statistics untouched, then forwards and backwards
+            only the chosen copies; ``"direct"`` backpropagates through all copies. They
+            give the same gradient on models without batch statistics or dropout.
+        select_batch_size: most rows the selection pass forwards at once (bounds its
+            memory); default ``max(batch, 1024)``.
+
+    >>> objective = MaxUp(maxup.augment.CutMix(num_classes=10, per_sample=True), m=4)
+    >>> result = objective(model, x, y)          # result.loss.backward()
+    """
+
+    def __init__(self, augment: Augmentation, m: int = 4, *, temperature: float = 0.0, include_clean: bool = False,
+                 warmup_steps: int = 0, mode: str | None = None, select_batch_size: int | None = None):
+        if augment is None:
+            augment = Identity()
+        if not callable(augment):
+            raise ValueError("augment must be a maxup.augment.Augmentation")
+        self.augment = augment
+        self.m = check_int("m", m, minimum=1)
+        self.temperature = check_positive("temperature", temperature, allow_zero=True)
+        self.include_clean = bool(include_clean)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if mode is None:
+            mode = "select" if self.temperature == 0 else "direct"
+        if mode not in ("select", "direct"):
+            raise ValueError(f"mode must be 'select' or 'direct', got {mode!r}")
+        if mode == "select" and self.temperature != 0:
+            raise ValueError("mode='select' needs temperature=0 (a soft max weights every copy); use mode='direct'")
+        self.mode = mode
+        self.select_batch_size = None if select_batch_size is None else check_int("select_batch_size", select_batch_size)
+        self.num_steps = 0
+
+    def candidates(self, x, y, generator=None, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (k, B, ...) inputs and (k, B, C) targets of every candidate copy, copy-major."""
+        copies = [self.augment(x, y, generator) for _ in range(self.m if m is None else m)]
+        if self.include_clean:
+            copies.append((x, soft_targets(y, copies[0][1].shape[-1]).to(x.device)))
+        return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies])
+
+    def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
+        m = 1 if self.num_steps < self.warmup_steps else self.m
+        self.num_steps += 1
+        xs, ts = self.candidates(x, y, generator, m)
+        k, b = ts.shape[:2]
+        if k == 1:
+            return _plain(model, xs[0], ts[0])
+        if self.mode == "select":
+            scores = self._scores(model, xs, ts)
+            pick = scores.argmax(0)
+            rows = torch.arange(b, device=pick.device)
+            return _plain(model, xs[pick, rows], ts[pick, rows])
+        inputs, targets = xs.flatten(0, 1), ts.flatten(0, 1)
+        logits = model(inputs)
+        rows = soft_cross_entropy(logits, targets, reduction="none").view(k, b)
+        weights = self._weights(rows.detach())
+        losses = (weights * rows).sum(0)
+        return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, (weights / b).flatten())
+
+    def _weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """(k, B) weights over each sample's copies, summing to one per sample."""
+        if self.temperature == 0:
+            return torch.zeros_like(rows).scatter_(0, rows.argmax(0, keepdim=True), 1.0)
+        if math.isinf(self.temperature):
+            return torch.full_like(rows, 1.0 / rows.shape[0])
+        return torch.softmax(rows / self.temperature, dim=0)
+
+    def _scores(self, model, xs, ts) -> torch.Tensor:
+        """(k, B) losses of every copy from a no-grad pass that leaves the model's buffers untouched."""
+        k, b = ts.shape[:2]
+        per = max(1, (self.select_batch_size or max(b, 1024)) // b)  # whole copies per chunk
+        with torch.no_grad(), frozen_buffers(model):
+            return torch.cat([
+                soft_cross_entropy(model(xs[i:i + per].flatten(0, 1)), ts[i:i + per].flatten(0, 1), reduction="none")
+                for i in range(0, k, per)
+            ]).view(k, b)
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+
+    def __repr__(self) -> str:
+        return (f"MaxUp({self.augment!r}, m={self.m}, temperature={self.temperature}, "
+                f"include_clean={self.include_clean}, warmup_steps={self.warmup_steps}, mode={self.mode!r})")
+
+
+__all__ = ["ERM", "MaxUp", "Objective", "ObjectiveResult", "frozen_buffers"]
