@@ -1,0 +1,200 @@
+"""Method specs: short strings that compose into a training step.
+
+A spec joins terms with ``+``; each term is ``name`` or ``name(key=value, ...)``::
+
+    erm
+    cutout(size=8)
+    maxup(m=4)+cutmix
+    maxup(m=4, temperature=0.5)+cropflip+mixup(alpha=0.2)
+
+Augmentation terms apply in the order written; at most one objective term
+(``erm``, ``maxup``) wraps them, and at most one step term (SAM, GradAug, ...) wraps
+the objective. Later modules add terms with :func:`register`.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import augment as A
+from .objectives import ERM, MaxUp
+from .steps import Standard
+
+KINDS = ("augment", "objective", "step")
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str
+    factory: Callable
+    summary: str
+    hidden: tuple[str, ...] = ()  # constructor arguments the builder fills in
+
+    def options(self) -> dict[str, Any]:
+        """The user-settable keyword arguments and their defaults."""
+        out = {}
+        for p in list(inspect.signature(self.factory).parameters.values()):
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in self.hidden:
+                continue
+            out[p.name] = None if p.default is p.empty else p.default
+        return out
+
+
+REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, kind: str, factory: Callable, summary: str, *, hidden: tuple[str, ...] = ()) -> None:
+    """Add a method term. ``kind`` is ``"augment"`` (factory(**kw, num_classes=C) -> Augmentation),
+    ``"objective"`` (factory(augment, **kw) -> Objective) or ``"step"``
+    (factory(objective, optimizer, **kw) -> Step, optionally taking ``model``)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    REGISTRY[name] = Entry(name, kind, factory, summary, hidden)
+
+
+def list_methods() -> list[Entry]:
+    return [REGISTRY[k] for k in sorted(REGISTRY)]
+
+
+@dataclass
+class Term:
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.name}({args})" if args else self.name
+
+
+_CONSTANTS = {"inf": math.inf, "true": True, "false": False, "none": None, "True": True, "False": False, "None": None}
+
+
+def _value(node: ast.expr, term: str):
+    if isinstance(node, ast.Name) and node.id in _CONSTANTS:
+        return _CONSTANTS[node.id]
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise ValueError(f"cannot read the value {ast.unparse(node)!r} in method term {term!r}: "
+                         "use numbers, true/false, inf, quoted strings or tuples") from None
+
+
+def parse(spec: str) -> list[Term]:
+    """Split a spec into terms, checking names and arguments against the registry."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("method spec must be a non-empty string such as 'erm' or 'maxup(m=4)+cutout'")
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "+" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    terms = []
+    for raw in (p.strip() for p in parts):
+        try:
+            node = ast.parse(raw if "(" in raw else raw + "()", mode="eval").body
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+                raise SyntaxError
+        except SyntaxError:
+            raise ValueError(f"cannot parse method term {raw!r} in {spec!r}: write name or name(key=value, ...)") from None
+        name = node.func.id.lower()
+        if name not in REGISTRY:
+            raise ValueError(f"unknown method {name!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+        kwargs = {kw.arg: _value(kw.value, raw) for kw in node.keywords}
+        valid = REGISTRY[name].options()
+        for key in kwargs:
+            if key not in valid:
+                raise ValueError(f"unknown argument {key!r} for method {name!r}; valid arguments: "
+                                 + (", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"))
+        terms.append(Term(name, kwargs))
+    for kind in ("objective", "step"):
+        found = [t.name for t in terms if REGISTRY[t.name].kind == kind]
+        if len(found) > 1:
+            raise ValueError(f"method spec {spec!r} has more than one {kind} term: {found}")
+    return terms
+
+
+def _accepts(factory: Callable, name: str) -> bool:
+    return name in inspect.signature(factory).parameters
+
+
+def build_augment(terms: list[Term], num_classes: int) -> A.Augmentation | None:
+    augs = [REGISTRY[t.name].factory(**t.kwargs, num_classes=num_classes)
+            for t in terms if REGISTRY[t.name].kind == "augment"]
+    if not augs:
+        return None
+    return augs[0] if len(augs) == 1 else A.Compose(augs, num_classes=num_classes)
+
+
+def build_objective(spec: str | list[Term], num_classes: int):
+    """The objective a spec describes (ERM when it names none)."""
+    terms = parse(spec) if isinstance(spec, str) else spec
+    augment = build_augment(terms, num_classes)
+    obj = next((t for t in terms if REGISTRY[t.name].kind == "objective"), Term("erm"))
+    entry = REGISTRY[obj.name]
+    if augment is None and entry.name != "erm":
+        augment = A.Identity(num_classes=num_classes)
+    return entry.factory(augment, **obj.kwargs)
+
+
+def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_classes: int, **step_options):
+    """The training step a spec describes, e.g. ``build_step("maxup(m=4)+cutout", model=..., optimizer=..., num_classes=10)``.
+
+    ``step_options`` (``max_grad_norm``, ``amp``, ...) go to the step's constructor.
+    """
+    terms = parse(spec)
+    objective = build_objective(terms, num_classes)
+    term = next((t for t in terms if REGISTRY[t.name].kind == "step"), Term("standard"))
+    factory = REGISTRY[term.name].factory if term.name in REGISTRY else Standard
+    extra = {"model": model} if _accepts(factory, "model") else {}
+    return factory(objective, optimizer, **extra, **term.kwargs, **step_options)
+
+
+def canonical(spec: str) -> str:
+    """A spec written back in a normal form (lower-case names, explicit arguments only)."""
+    return "+".join(str(t) for t in parse(spec))
+
+
+def _erm(augment=None):
+    return ERM(augment)
+
+
+def _maxup(augment, m: int = 4, temperature: float = 0.0, include_clean: bool = False, warmup_steps: int = 0,
+           mode: str | None = None):
+    return MaxUp(augment, m, temperature=temperature, include_clean=include_clean, warmup_steps=warmup_steps, mode=mode)
+
+
+def _aug(cls, **defaults):
+    """A factory with the registry's defaults (per-sample mixing by default: each copy its own lambda)."""
+    sig = inspect.signature(cls)
+    params = [p.replace(default=defaults.get(p.name, p.default), kind=p.KEYWORD_ONLY) for p in sig.parameters.values()]
+
+    def factory(**kwargs):
+        return cls(**{**defaults, **kwargs})
+
+    factory.__signature__ = sig.replace(parameters=params)
+    return factory
+
+
+register("erm", "objective", _erm, "plain training on one (augmented) copy of each sample", hidden=("augment",))
+register("maxup", "objective", _maxup, "MaxUp: the worst loss over m augmented copies per sample", hidden=("augment",))
+for _name, _cls, _defaults, _summary in [
+    ("gaussian", A.GaussianNoise, {"sigma": 0.1}, "Gaussian noise N(0, sigma^2) on the inputs"),
+    ("cutout", A.Cutout, {}, "Cutout: a box of the image set to zero"),
+    ("cropflip", A.RandomCropFlip, {}, "random crop after padding, and horizontal flip"),
+    ("mixup", A.Mixup, {"per_sample": True}, "Mixup: convex blend of two samples and their labels"),
+    ("cutmix", A.CutMix, {"per_sample": True}, "CutMix: a box pasted from another sample, label by area"),
+    ("hmix", A.HMix, {"per_sample": True}, "HMix: a CutMix box inside a Mixup blend"),
+    ("gmix", A.GMix, {"per_sample": True}, "GMix: another sample blended in through a Gaussian mask"),
+    ("resizemix", A.ResizeMix, {"per_sample": True}, "ResizeMix: another sample, shrunk, pasted in"),
+]:
+    register(_name, "augment", _aug(_cls, **_defaults), _summary, hidden=("num_classes",))
