@@ -1,0 +1,31 @@
+"""Models for ``maxup``: a small CNN, an MLP, a 1-D CNN, a CIFAR ResNet and a
+Wide ResNet, created by name.
+
+>>> from maxup.models import create_model, list_models
+>>> list_models()
+['cnn', 'mlp', 'cnn1d', 'resnet', 'wrn']
+>>> model = create_model("cnn", input_shape=(1, 8, 8), num_classes=10)
+
+All models are built from standard torch layers (Conv1d/2d, Linear,
+BatchNorm1d/2d, ReLU, pooling, Dropout, Flatten), so GradAug's width slicing
+can convert them; every model exposes ``stages`` (names in
+``named_modules()`` after which hidden features can be mixed, stem output
+first) and ``classifier`` (the final ``nn.Linear``).
+"""
+
+from .cnn import CNN1d, MLP, SmallCNN
+from .registry import create_model, list_models, model_options
+from .resnet import BasicBlock, PreActWideBlock, ResNet, WideResNet
+
+__all__ = [
+    "create_model",
+    "list_models",
+    "model_options",
+    "SmallCNN",
+    "CNN1d",
+    "MLP",
+    "ResNet",
+    "BasicBlock",
+    "WideResNet",
+    "PreActWideBlock",
+]
