@@ -142,11 +142,11 @@ class _Mixing(Augmentation):
         self.per_sample = bool(per_sample)
 
     def _draw(self, x, generator):
+        """(k,) lambdas, k = B per sample or 1 per batch (one box, centre or scale for the batch too), and a partner permutation."""
         n = x.shape[0]
         k = n if self.per_sample else 1
-        lam = R.beta(self.alpha, (k,), generator=generator, device=x.device).expand(n)
-        applied = self._applied(k, generator, x.device).expand(n)
-        lam = torch.where(applied, lam, torch.ones_like(lam))
+        lam = R.beta(self.alpha, (k,), generator=generator, device=x.device)
+        lam = torch.where(self._applied(k, generator, x.device), lam, torch.ones_like(lam))
         return lam, R.randperm(n, generator=generator, device=x.device)
 
     def _options(self):
@@ -203,9 +203,9 @@ class GMix(_Mixing):
 
     def apply(self, x, t, generator):
         lam, perm = self._draw(x, generator)
-        n, (h, w) = x.shape[0], x.shape[-2:]
+        h, w = x.shape[-2:]
         scale = torch.tensor([h, w], dtype=torch.float32, device=x.device)
-        centers = R.rand((n, 2), generator=generator, device=x.device) * scale
+        centers = R.rand((lam.shape[0], 2), generator=generator, device=x.device) * scale
         out, targets, _ = MF.gmix(x, t, lam, centers, perm)
         return out, targets
 
@@ -225,10 +225,10 @@ class ResizeMix(Augmentation):
         n, (h, w) = x.shape[0], x.shape[-2:]
         k = n if self.per_sample else 1
         lo, hi = self.scale
-        tau = (lo + (hi - lo) * R.rand((k,), generator=generator, device=x.device)).expand(n)
+        tau = lo + (hi - lo) * R.rand((k,), generator=generator, device=x.device)
         perm = R.randperm(n, generator=generator, device=x.device)
         boxes = MF.sample_inner_boxes(tau, h, w, generator=generator, device=x.device)
-        boxes = boxes * self._applied(n, generator, x.device)[:, None]
+        boxes = boxes * self._applied(k, generator, x.device)[:, None]
         out, targets, _ = MF.resizemix(x, t, boxes, perm)
         return out, targets
 

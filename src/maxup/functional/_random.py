@@ -68,10 +68,11 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
     return out.view(shape)
 
 
-def beta(alpha: float, shape, *, beta_: float | None = None, generator=None, device=None) -> torch.Tensor:
-    """Beta(alpha, beta_) samples (beta_ defaults to alpha) as float32."""
+def beta(alpha: float, shape, *, beta_: float | None = None, generator=None, device=None,
+         dtype=torch.float32) -> torch.Tensor:
+    """Beta(alpha, beta_) samples (beta_ defaults to alpha), computed in float64."""
     x = gamma(alpha, shape, generator=generator, device=device)
     y = gamma(alpha if beta_ is None else beta_, shape, generator=generator, device=device)
     total = x + y
     out = torch.where(total > 0, x / total.clamp_min(1e-300), torch.full_like(x, 0.5))
-    return out.float()
+    return out.to(dtype)

@@ -19,10 +19,10 @@ from . import _random as R
 def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
     """``value`` (float or (B,) tensor) as a (B,) tensor of ``like``'s dtype and device."""
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    if t.dim() == 0:
+    if t.dim() == 0 or t.shape == (1,):
         return t.expand(batch)
     if t.shape != (batch,):
-        raise ValueError(f"per-sample values must have shape ({batch},), got {tuple(t.shape)}")
+        raise ValueError(f"per-sample values must be a float or have shape ({batch},), got {tuple(t.shape)}")
     return t
 
 
@@ -194,7 +194,8 @@ def gmix(x: torch.Tensor, targets: torch.Tensor, lam, centers: torch.Tensor, per
     the label weight of ``x`` is ``1 - mean(M)``. Returns ``(x_mix, t_mix, weight)``.
     """
     h, w = x.shape[-2:]
-    mask = gaussian_mask(_per_sample(lam, x.shape[0], x), centers.to(x.device), h, w).to(x.dtype)
+    centers = centers.to(x.device).expand(x.shape[0], 2)
+    mask = gaussian_mask(_per_sample(lam, x.shape[0], x), centers, h, w).to(x.dtype)
     out = torch.lerp(x, x[perm], mask[:, None])
     weight = 1.0 - mask.mean(dim=(1, 2))
     return out, _mix_targets(targets, perm, weight), weight
@@ -214,5 +215,5 @@ def resizemix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm:
     grid = torch.stack([u[:, None, :].expand(b, h, w), v[:, :, None].expand(b, h, w)], dim=-1)
     patch = F.grid_sample(x[perm], grid, mode="bilinear", padding_mode="border", align_corners=False)
     out = torch.where(box_mask(boxes, h, w)[:, None], patch, x)
-    lam = 1.0 - box_area(boxes) / (h * w)
+    lam = (1.0 - box_area(boxes) / (h * w)).expand(b)
     return out, _mix_targets(targets, perm, lam), lam
