@@ -152,3 +152,9 @@ def test_bad_batches(x, y, match):
 def test_integer_labels_need_num_classes():
     with pytest.raises(ValueError, match="num_classes is required"):
         A.Mixup()(torch.rand(2, 3), torch.tensor([0, 1]))
+
+
+def test_cutout_default_size_is_half_of_each_side():
+    x = torch.ones(300, 1, 16, 12)
+    out, _ = A.Cutout(num_classes=2)(x, torch.zeros(300, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert (out == 0).sum((1, 2, 3)).max() == 8 * 6
