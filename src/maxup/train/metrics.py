@@ -1,0 +1,106 @@
+"""Evaluation: accuracy, cross-entropy and expected calibration error (ECE), DDP-aware.
+
+>>> evaluate(model, splits.test, num_classes=10)      # doctest: +SKIP
+{'accuracy': ..., 'loss': ..., 'ece': ...}
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._checks import check_int
+from ..data import TensorData
+from . import distributed as D
+
+ECE_BINS = 15
+
+
+def calibration_counts(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> torch.Tensor:
+    """(3, num_bins) float64 sums per confidence bin: samples, confidence, correct predictions.
+
+    The confidence of a sample is its largest softmax probability; bin ``b`` holds
+    confidences in ``(b / num_bins, (b + 1) / num_bins]`` (a confidence of 0 goes to bin 0).
+    Sums, not means, so that batches and processes add up.
+    """
+    probs = torch.softmax(logits.detach().float(), dim=-1)
+    conf, pred = probs.max(dim=-1)
+    correct = (pred == labels).double()
+    conf = conf.double()
+    bins = (conf * num_bins).ceil().long().clamp(1, num_bins) - 1
+    out = torch.zeros(3, num_bins, dtype=torch.float64, device=logits.device)
+    out[0].index_add_(0, bins, torch.ones_like(conf))
+    out[1].index_add_(0, bins, conf)
+    out[2].index_add_(0, bins, correct)
+    return out
+
+
+def ece_from_counts(counts: torch.Tensor) -> float:
+    """``sum_b (n_b / N) * |accuracy_b - confidence_b|`` from :func:`calibration_counts` sums."""
+    n = counts[0].sum()
+    if n <= 0:
+        return float("nan")
+    return float(((counts[2] - counts[1]).abs().sum() / n).item())
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> float:
+    """ECE with ``num_bins`` equal-width confidence bins (Guo et al. 2017).
+
+    >>> round(expected_calibration_error(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])), 4)
+    0.4251
+    """
+    num_bins = check_int("num_bins", num_bins)
+    return ece_from_counts(calibration_counts(logits, labels, num_bins))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, device=None, num_classes: int) -> dict:
+    """Accuracy, mean cross-entropy and ECE (15 equal-width bins) of ``model`` on ``data``.
+
+    Runs in eval mode without gradients (the model's mode is restored afterwards) and
+    moves the data to ``device`` (default: the model's device) batch by batch. Inside a
+    process group of more than one process every rank evaluates the samples
+    ``rank, rank + W, ...`` and the sums are all-reduced, so every rank returns the
+    metrics of the whole set.
+
+    Returns ``{"accuracy": float, "loss": float, "ece": float}``.
+    """
+    if not isinstance(data, TensorData):
+        raise ValueError(f"data must be a maxup.data.TensorData, got {type(data).__name__}")
+    batch_size = check_int("batch_size", batch_size)
+    num_classes = check_int("num_classes", num_classes)
+    module = D.unwrap_model(model)
+    if device is None:
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    x, y = data.x, data.y
+    if D.is_distributed():
+        x, y = x[D.get_rank()::D.get_world_size()], y[D.get_rank()::D.get_world_size()]
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    counts = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
+    was_training = module.training
+    module.eval()
+    try:
+        for start in range(0, y.shape[0], batch_size):
+            xb = x[start:start + batch_size].to(device, non_blocking=True)
+            yb = y[start:start + batch_size].to(device, non_blocking=True)
+            logits = module(xb)
+            if logits.ndim != 2 or logits.shape[1] != num_classes:
+                raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; "
+                                 f"expected (batch, num_classes={num_classes})")
+            logits = logits.float()
+            totals[0] += F.cross_entropy(logits, yb, reduction="sum").double()
+            totals[1] += (logits.argmax(-1) == yb).sum()
+            totals[2] += yb.shape[0]
+            counts += calibration_counts(logits, yb)
+    finally:
+        module.train(was_training)
+    reduced = D.all_reduce_sum(torch.cat([totals, counts.flatten()]))
+    loss_sum, correct, n = (float(v) for v in reduced[:3].tolist())
+    counts = reduced[3:].view(3, ECE_BINS)
+    if n == 0:
+        return {"accuracy": float("nan"), "loss": float("nan"), "ece": float("nan")}
+    return {"accuracy": correct / n, "loss": loss_sum / n, "ece": ece_from_counts(counts)}
+
+
+__all__ = ["ECE_BINS", "calibration_counts", "ece_from_counts", "evaluate", "expected_calibration_error"]

@@ -1,0 +1,423 @@
+"""The training loop: epochs of steps, evaluation, metrics files, atomic checkpoints, exact resume, DDP.
+
+>>> step = maxup.methods.build_step("maxup(m=4)+cutout", model=model, optimizer=opt, num_classes=10)
+>>> trainer = Trainer(model, step, splits.train, test=splits.test, epochs=30, num_classes=10, out_dir="runs/a")
+>>> history = trainer.fit()                 # later, after a crash: trainer.fit(resume=True)
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._checks import check_int
+from ..data import Loader, TensorData
+from . import distributed as D
+from .checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    atomic_write,
+    capture_rng,
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    restore_rng,
+    save_checkpoint,
+)
+from .logs import RunFiles
+from .metrics import evaluate
+
+#: history keys that measure time: they differ between runs, everything else is reproducible
+TIMING_KEYS = ("time", "train_time", "samples_per_s")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; ``epoch`` and ``step`` (1-based) say where."""
+
+    def __init__(self, message: str, *, epoch: int, step: int, global_step: int):
+        super().__init__(message)
+        self.epoch = epoch
+        self.step = step
+        self.global_step = global_step
+
+
+def generator_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s augmentation generator: a well-mixed function of ``(seed, rank)``."""
+    return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)[0])
+
+
+def _check_data(name: str, data, *, required: bool = False):
+    if data is None and not required:
+        return None
+    if not isinstance(data, TensorData):
+        raise ValueError(f"{name} must be a maxup.data.TensorData (see maxup.data.from_tensors), "
+                         f"got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError(f"{name} is empty")
+    return data
+
+
+class Trainer:
+    """Train ``model`` with a maxup step for ``epochs`` epochs, evaluating on ``val`` and ``test``.
+
+    Each epoch the loader's order is set from ``(seed, epoch)``, every batch goes through
+    ``step(model, x, y, generator)`` with one CPU ``torch.Generator`` (seeded from
+    ``(seed, rank)``) supplying all augmentation randomness, and ``scheduler.step()``
+    follows each optimizer step. One history record per epoch holds ``epoch``, ``step``
+    (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
+    ``train_accuracy``, ``val_*``/``test_*`` (``accuracy``, ``loss``, ``ece``) and the
+    timings ``train_time``, ``time`` and ``samples_per_s``.
+
+    With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
+    ``config.yaml``, ``checkpoints/epoch-NNNN.pt`` (the last ``keep_checkpoints``, every
+    ``checkpoint_every`` epochs and after the last one, written atomically) and
+    ``model.pt`` (final ``state_dict``). ``fit(resume=True)`` continues from the newest
+    checkpoint; on CPU the result equals an uninterrupted run bit for bit.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins or creates the process
+    group (Gloo on CPU, NCCL on CUDA), wraps the model in ``DistributedDataParallel``,
+    shards the data, and reduces the metrics across ranks; a group it created is
+    destroyed when :meth:`fit` returns.
+
+    Args:
+        model: the network; moved to ``device``.
+        step: a :class:`maxup.steps.Step` (holding the objective and the optimizer).
+        train, val, test: :class:`maxup.data.TensorData` splits.
+        scheduler: a per-step learning-rate scheduler (see :func:`make_scheduler`), or None.
+        device: default ``"cuda"`` if available, else ``"cpu"`` (``cuda:LOCAL_RANK`` under torchrun).
+        progress: a tqdm bar on stderr; ``None`` shows one when stderr is a terminal.
+        config: the run's resolved configuration, saved in ``config.yaml`` with the trainer settings.
+        log_tensorboard: also write TensorBoard scalars (skipped, with one warning, without tensorboard).
+
+    Raises (from :meth:`fit`):
+        NonFiniteLossError: a NaN or infinite loss; the last good checkpoint is kept.
+        CheckpointError: a checkpoint that cannot be read or written.
+    """
+
+    def __init__(self, model: nn.Module, step, train: TensorData, *, test: TensorData | None = None,
+                 val: TensorData | None = None, epochs: int = 10, batch_size: int = 128, scheduler=None, seed: int = 0,
+                 device=None, out_dir=None, keep_checkpoints: int = 2, checkpoint_every: int = 1,
+                 config: dict | None = None, progress: bool | None = None, num_classes: int,
+                 log_tensorboard: bool = False):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        optimizer = getattr(step, "optimizer", None)
+        if not callable(step) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError("step must be a maxup step holding an optimizer, e.g. maxup.steps.Standard(objective, "
+                             "optimizer) or maxup.methods.build_step(spec, model=..., optimizer=..., num_classes=...)")
+        self.train_data = _check_data("train", train, required=True)
+        self.val_data = _check_data("val", val)
+        self.test_data = _check_data("test", test)
+        self.epochs = check_int("epochs", epochs)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.keep_checkpoints = check_int("keep_checkpoints", keep_checkpoints)
+        self.checkpoint_every = check_int("checkpoint_every", checkpoint_every)
+        self.num_classes = check_int("num_classes", num_classes)
+        for name, data in (("train", train), ("val", val), ("test", test)):
+            if data is not None and int(data.y.max()) >= self.num_classes:
+                raise ValueError(f"{name} holds label {int(data.y.max())}, out of range for num_classes={num_classes}")
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(f"config must be a dict or None, got {type(config).__name__}")
+        if progress is not None and not isinstance(progress, bool):
+            raise ValueError(f"progress must be True, False or None, got {progress!r}")
+        if scheduler is not None and not hasattr(scheduler, "step"):
+            raise ValueError(f"scheduler must be a torch learning-rate scheduler or None, "
+                             f"got {type(scheduler).__name__}")
+        self.step = step
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.config = dict(config or {})
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.log_tensorboard = bool(log_tensorboard)
+
+        self.device = D.resolve_device(device)
+        self.dist = D.setup(self.device)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.module = D.unwrap_model(model).to(self.device)
+        self.model = D.wrap_model(model, self.device) if self.dist.enabled else self.module
+        self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
+                             world_size=self.world_size, device=self.device)
+        self.generator = torch.Generator().manual_seed(generator_seed(self.seed, self.rank))
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.history: list[dict] = []
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self._files: RunFiles | None = None
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch on each rank (what a scheduler needs)."""
+        return len(self.loader)
+
+    @property
+    def checkpoint_dir(self) -> Path | None:
+        return None if self.out_dir is None else self.out_dir / "checkpoints"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to ``epochs`` and return the history (one dict per epoch, including resumed ones).
+
+        ``resume=True`` continues from the newest checkpoint in ``out_dir/checkpoints``
+        (training from scratch, with a warning, when there is none). Without ``resume``
+        an ``out_dir`` that already holds checkpoints is refused.
+        """
+        finished = False
+        try:
+            history = self._fit(bool(resume))
+            finished = True
+            return history
+        finally:
+            if self._files is not None:
+                self._files.close()
+                self._files = None
+            D.cleanup(self.dist, synchronize=finished)
+
+    def _fit(self, resume: bool) -> list[dict]:
+        ckdir = self.checkpoint_dir
+        if resume:
+            if ckdir is None:
+                raise ValueError("resume=True needs out_dir: the checkpoints to resume from are in "
+                                 "out_dir/checkpoints")
+            path = latest_checkpoint(ckdir)
+            if path is None:
+                warnings.warn(f"resume=True but there is no checkpoint in {ckdir}: training from scratch", stacklevel=3)
+            else:
+                self._restore(load_checkpoint(path), path)
+        elif ckdir is not None and list_checkpoints(ckdir):
+            names = ", ".join(p.name for p in list_checkpoints(ckdir))
+            raise ValueError(f"{ckdir} already holds checkpoints of an earlier run ({names}): pass resume=True to "
+                             "continue it, or choose another out_dir (or delete that one)")
+        if self.is_main and self.out_dir is not None:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(ckdir)
+            remove_stale_temporaries(self.out_dir)
+            self._files = RunFiles(self.out_dir, tensorboard=self.log_tensorboard)
+            self._files.write_config(self.resolved_config())
+            self._files.reset(self.history)  # drops lines a killed run appended after its last checkpoint
+        for epoch in range(self.epoch, self.epochs):
+            record = self._train_epoch(epoch)
+            self.history.append(record)
+            self.epoch = epoch + 1
+            if self._files is not None:
+                self._files.append(record, self.history)
+            if self.progress and self.is_main:
+                self._write(self._summary(record))
+            if ckdir is not None and (self.epoch % self.checkpoint_every == 0 or self.epoch == self.epochs):
+                self.save_checkpoint()
+        if self.is_main and self.out_dir is not None:
+            state = self.module.state_dict()
+            atomic_write(self.out_dir / "model.pt", lambda f: torch.save(state, f))
+        return self.history
+
+    # ------------------------------------------------------------------ one epoch
+
+    def _train_epoch(self, epoch: int) -> dict:
+        start = time.perf_counter()
+        self.loader.set_epoch(epoch)
+        self.model.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss * n, n, correct rows, rows
+        n_steps = len(self.loader)
+        bar = self._bar(epoch, n_steps)
+        lr = self.optimizer.param_groups[0]["lr"]
+        try:
+            for i, (x, y) in enumerate(self.loader, 1):
+                lr = self.optimizer.param_groups[0]["lr"]
+                result = self.step(self.model, x, y, self.generator)
+                loss = result.loss.detach().float()
+                bad = ~torch.isfinite(loss)
+                if D.any_rank(bad) if self.dist.enabled else bool(bad):
+                    raise self._nonfinite(epoch, i, n_steps, loss, lr)
+                self.global_step += 1
+                if self.scheduler is not None:
+                    self.scheduler.step()
+                logits, targets = result.logits.detach(), result.targets
+                n = x.shape[0]
+                sums[0] += loss.double() * n
+                sums[1] += n
+                sums[2] += (logits.argmax(-1) == targets.argmax(-1)).sum()
+                sums[3] += logits.shape[0]
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(sums[2] / sums[3]).item():.3f}", refresh=False)
+        finally:
+            if bar is not None:
+                bar.close()
+        train_time = time.perf_counter() - start
+        D.broadcast_buffers(self.module)  # every rank evaluates and saves the same model
+        loss_sum, count, correct, rows = D.all_reduce_sum(sums).tolist()
+        record = {
+            "epoch": epoch + 1,
+            "step": self.global_step,
+            "lr": float(lr),
+            "train_loss": loss_sum / count,
+            "train_accuracy": correct / rows,
+        }
+        eval_batch = max(512, self.batch_size)
+        for name, data in (("val", self.val_data), ("test", self.test_data)):
+            if data is not None:
+                metrics = evaluate(self.module, data, batch_size=eval_batch, device=self.device,
+                                   num_classes=self.num_classes)
+                record.update({f"{name}_{k}": v for k, v in metrics.items()})
+        record["train_time"] = train_time
+        record["samples_per_s"] = count / train_time if train_time > 0 else float("nan")
+        record["time"] = time.perf_counter() - start
+        return record
+
+    def _nonfinite(self, epoch: int, i: int, n_steps: int, loss: torch.Tensor, lr: float) -> NonFiniteLossError:
+        last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
+        value = loss.item() if bool(~torch.isfinite(loss)) else "non-finite on another rank"
+        clip = (f"max_grad_norm (now {self.step.max_grad_norm})" if getattr(self.step, "max_grad_norm", None)
+                else "max_grad_norm=1.0 (gradient clipping)")
+        return NonFiniteLossError(
+            f"training loss is {value} at epoch {epoch + 1}, step {i} of {n_steps} (global step "
+            f"{self.global_step + 1}); stopped without saving this state{kept}. Try a lower learning rate "
+            f"(now {lr:.4g}) or set {clip}.",
+            epoch=epoch + 1, step=i, global_step=self.global_step + 1)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue training exactly (this rank's RNG states only; see :meth:`save_checkpoint`)."""
+        return {
+            "format": FORMAT_VERSION,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "step": self.step.state_dict(),
+            "history": [dict(r) for r in self.history],
+            "rng": [capture_rng(self.generator)],
+            "meta": {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+                     "epochs": self.epochs, "num_classes": self.num_classes},
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/epoch-NNNN.pt`` (main process; every rank must call it) and prune old ones."""
+        rngs = D.all_gather_object(capture_rng(self.generator))
+        if not self.is_main or self.checkpoint_dir is None:
+            return None
+        state = self.state_dict()
+        state["rng"] = rngs
+        path = save_checkpoint(state, self.checkpoint_dir / checkpoint_name(self.epoch))
+        prune_checkpoints(self.checkpoint_dir, self.keep_checkpoints)
+        return path
+
+    def _restore(self, state: dict, path: Path) -> None:
+        meta = state.get("meta") or {}
+        changed = [f"{k} {meta[k]!r} -> {v!r}" for k, v in
+                   (("seed", self.seed), ("batch_size", self.batch_size), ("world_size", self.world_size))
+                   if k in meta and meta[k] != v]
+        if changed:
+            warnings.warn(f"resuming {path} with different settings ({', '.join(changed)}): the run continues "
+                          "but will not match an uninterrupted one", stacklevel=4)
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                if state.get("scheduler") is None:
+                    warnings.warn(f"{path} holds no scheduler state; the scheduler starts afresh", stacklevel=4)
+                else:
+                    self.scheduler.load_state_dict(state["scheduler"])
+            self.step.load_state_dict(state["step"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:
+            raise CheckpointError(f"checkpoint {path} does not fit this model, optimizer or method "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Resume "
+                                  "with the configuration that wrote it, or use another out_dir.") from err
+        rngs = state["rng"]
+        if len(rngs) == self.world_size:
+            restore_rng(rngs[self.rank], self.generator)
+        else:
+            warnings.warn(f"{path} holds RNG states of {len(rngs)} processes, this run has {self.world_size}: "
+                          "augmentation randomness starts afresh", stacklevel=4)
+        self.history = [dict(r) for r in state["history"]]
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        if self.is_main and self.progress:
+            self._write(f"resumed from {path} (epoch {self.epoch} of {self.epochs} done)")
+
+    # ------------------------------------------------------------------ configuration and display
+
+    def resolved_config(self) -> dict:
+        """``config`` plus the trainer's settings under ``"trainer"`` (as written to config.yaml)."""
+        opt = self.optimizer
+        objective = getattr(self.step, "objective", None)
+        settings = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "device": str(self.device),
+            "world_size": self.world_size,
+            "steps_per_epoch": self.steps_per_epoch,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.train_data.x.shape[1:]),
+            "train_size": len(self.train_data),
+            "val_size": 0 if self.val_data is None else len(self.val_data),
+            "test_size": 0 if self.test_data is None else len(self.test_data),
+            "model": type(self.module).__name__,
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+            "step": type(self.step).__name__,
+            "objective": repr(objective),
+            "amp": getattr(self.step, "amp", None),
+            "max_grad_norm": getattr(self.step, "max_grad_norm", None),
+            "optimizer": type(opt).__name__,
+            "param_groups": [{"params": sum(p.numel() for p in g["params"]), "lr": g.get("initial_lr", g["lr"]),
+                              **{k: g[k] for k in ("weight_decay", "momentum", "nesterov", "betas") if k in g}}
+                             for g in opt.param_groups],
+            "scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
+            "keep_checkpoints": self.keep_checkpoints,
+            "checkpoint_every": self.checkpoint_every,
+            "torch": torch.__version__,
+        }
+        config = dict(self.config)
+        config["trainer"] = {**settings, **dict(config.get("trainer") or {})}
+        return config
+
+    def _bar(self, epoch: int, total: int):
+        if not (self.progress and self.is_main):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.epochs}", file=sys.stderr, leave=False,
+                    dynamic_ncols=True, unit="step")
+
+    @staticmethod
+    def _write(line: str) -> None:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            print(line, file=sys.stderr)
+        else:
+            tqdm.write(line, file=sys.stderr)
+
+    @staticmethod
+    def _summary(record: dict) -> str:
+        parts = [f"epoch {record['epoch']}"]
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "test_ece"):
+            if key in record and isinstance(record[key], float) and math.isfinite(record[key]):
+                parts.append(f"{key} {record[key]:.4f}")
+        parts.append(f"{record['samples_per_s']:.0f} samples/s")
+        return "  ".join(parts)
+
+
+__all__ = ["NonFiniteLossError", "TIMING_KEYS", "Trainer", "generator_seed"]
