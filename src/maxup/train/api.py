@@ -45,7 +45,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         lr: float = 0.05, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
         warmup_epochs: float = 0.0, seed: int = 0, device=None, out_dir=None, amp: str | None = None,
         max_grad_norm: float | None = None, num_classes: int | None = None, progress: bool | None = None,
-        resume: bool = False) -> list[dict]:
+        resume: bool = False, config: dict | None = None) -> list[dict]:
     """Train ``model`` with a method spec and return the metrics history (one dict per epoch).
 
     Builds the optimizer (:func:`make_optimizer`), a per-step cosine schedule with linear
@@ -53,7 +53,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     :class:`Trainer`. ``train``, ``val`` and ``test`` are ``(x, y)`` pairs of tensors or
     numpy arrays of any sample shape (images (N, C, H, W), signals (N, C, L), features
     (N, D)) or :class:`maxup.data.TensorData`. ``num_classes`` defaults to the largest
-    label + 1. See :class:`Trainer` for ``out_dir``, ``resume`` and the history keys.
+    label + 1. ``config`` adds entries to the ``config.yaml`` of the run (the CLI records the
+    dataset there). See :class:`Trainer` for ``out_dir``, ``resume`` and the history keys.
 
     >>> history = maxup.fit(model, "maxup(m=4)+cutmix", train=(x, y), test=(x_test, y_test), epochs=30)
     >>> history[-1]["test_accuracy"]
@@ -90,6 +91,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         "amp": amp,
         "max_grad_norm": max_grad_norm,
         "num_classes": num_classes,
+        **(config or {}),
     }
     trainer = Trainer(model, step, train_d, test=test_d, val=val_d, epochs=epochs, batch_size=batch_size, seed=seed,
                       device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes)

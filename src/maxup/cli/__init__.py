@@ -1,0 +1,86 @@
+"""The ``maxup`` command: ``train``, ``compare`` and ``methods``.
+
+    maxup compare                                   # the main job: six methods on digits, three seeds
+    maxup train --dataset fashion-mnist --model resnet --method "maxup(m=4)+cutout" --epochs 10 --out runs/a
+    maxup methods                                   # every method term and its options
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import methods as M
+from .run import DEFAULT_METHODS, add_run_options, compare, train
+
+
+def _methods_arg(text: str) -> list[str]:
+    """Split ``a,b(x=1, y=2),c`` on the commas outside parentheses."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur.strip())
+    return [s for s in out if s]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maxup", description="Train networks with MaxUp, the Mixup family and friends; compare methods with seeds.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one method and write a run directory",
+                       description="Train one method; writes metrics, config and checkpoints into --out.")
+    add_run_options(p)
+    p.add_argument("--method", default="erm", help="method spec, e.g. 'maxup(m=4)+cutout(size=8)' (default: erm)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="run directory for metrics, config.yaml and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+    p = sub.add_parser("compare", help="train several methods with several seeds under the same budget",
+                       description="Train each method with each seed under the same budget; print a table and write "
+                                   "results.json, results.md and results.png into --out. With no arguments: "
+                                   f"{', '.join(DEFAULT_METHODS)} on digits, three seeds.")
+    add_run_options(p)
+    p.add_argument("--methods", type=_methods_arg, default=None,
+                   help="comma-separated method specs (default: " + ",".join(DEFAULT_METHODS) + ")")
+    p.add_argument("--suite", default=None, help="YAML file with a list 'methods:' (and optionally any other option)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (default: 3)")
+    p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+
+    sub.add_parser("methods", aliases=["list"], help="list every method term and its options")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("methods", "list"):
+            kinds = {"objective": "objectives", "augment": "augmentations", "step": "steps"}
+            for kind, title in kinds.items():
+                print(f"{title}:")
+                for e in M.list_methods():
+                    if e.kind == kind:
+                        opts = ", ".join(f"{k}={v!r}" for k, v in e.options().items())
+                        print(f"  {e.name:<10} {e.summary}" + (f"\n  {'':<10} options: {opts}" if opts else ""))
+            print("compose with '+', e.g. 'maxup(m=4)+cutout(size=8)'")
+            return 0
+        if args.command == "train":
+            train(args)
+            return 0
+        if args.command == "compare":
+            compare(args)
+            return 0
+    except (ValueError, FileNotFoundError) as err:
+        print(f"maxup: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maxup: interrupted; resume a run with --resume", file=sys.stderr)
+        return 130
+    parser.print_help()
+    return 0

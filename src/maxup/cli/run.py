@@ -1,0 +1,243 @@
+"""What ``maxup train`` and ``maxup compare`` run: build data, model, step and trainer from options."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import methods as M
+from ..data import list_datasets, load_dataset
+from ..models import create_model, list_models
+from ..train import fit
+
+DEFAULT_METHODS = ["erm", "cutout", "maxup(m=4)+cutout", "mixup", "cutmix", "maxup(m=4)+cutmix"]
+RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
+            "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
+            "max_grad_norm", "device")
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, M._value(__import__("ast").parse(value, mode="eval").body, text)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="digits", help=f"one of {', '.join(list_datasets())} (default: digits, bundled)")
+    g.add_argument("--data-dir", default=None, help="where the dataset files are (default: $MAXUP_DATA or the "
+                                                     "standard location, e.g. /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--train-size", type=int, default=None, help="stratified subset of N training images (low-data regime)")
+    g.add_argument("--val-size", type=float, default=0, help="validation split from the training data: a fraction or a count")
+    g.add_argument("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not standardise the inputs")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")
+    g.add_argument("--model-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
+    g.add_argument("--batch-size", type=int, default=128, help="batch size per process (default: 128)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
+    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: 0.05)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (bf16 on CPU/GPU, fp16 on GPU)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when attached to a terminal)")
+
+
+def _config(args, method: str, seed: int) -> dict:
+    config = {k: getattr(args, k) for k in RUN_KEYS}
+    config["model_opt"] = dict(config["model_opt"])
+    config["method"] = M.canonical(method)
+    config["seed"] = seed
+    return config
+
+
+def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, splits=None) -> list[dict]:
+    """Train one configuration (the keys of :data:`RUN_KEYS` plus ``method`` and ``seed``); returns the history."""
+    seed = config["seed"]
+    if splits is None:
+        splits = load_dataset(config["dataset"], data_dir=config["data_dir"], val_size=config["val_size"],
+                              train_size=config["train_size"], test_size=config["test_size"],
+                              normalize=config["normalize"], seed=seed)
+    torch.manual_seed(seed)
+    model = create_model(config["model"], input_shape=splits.input_shape, num_classes=splits.num_classes,
+                         **config["model_opt"])
+    return fit(model, config["method"], train=splits.train, test=splits.test, val=splits.val, epochs=config["epochs"],
+               batch_size=config["batch_size"], lr=config["lr"], optimizer=config["optimizer"],
+               momentum=config["momentum"], weight_decay=config["weight_decay"],
+               warmup_epochs=config["warmup_epochs"], seed=seed, device=config["device"], out_dir=out_dir,
+               amp=config["amp"], max_grad_norm=config["max_grad_norm"], num_classes=splits.num_classes,
+               progress=progress, resume=resume, config=config)
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _fmt(row: dict, prefix: str) -> str:
+    keys = [k for k in ("accuracy", "loss", "ece") if f"{prefix}_{k}" in row]
+    return "  ".join(f"{prefix} {k} {row[f'{prefix}_{k}']:.4f}" for k in keys)
+
+
+def train(args) -> list[dict]:
+    config = _config(args, args.method, args.seed)
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
+    history = run(config, out_dir=args.out, resume=args.resume, progress=args.progress)
+    if _is_main() and history:
+        last = history[-1]
+        print(f"{config['method']} on {config['dataset']}, epoch {last['epoch']}: {_fmt(last, 'test')}")
+        if args.out:
+            print(f"run directory: {args.out}")
+    return history
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+
+def _slug(spec: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "=.-" else "_" for c in spec)
+    return "_".join(filter(None, keep.split("_")))
+
+
+def _load_suite(args) -> None:
+    import yaml
+
+    try:
+        suite = yaml.safe_load(Path(args.suite).read_text()) or {}
+    except OSError as err:
+        raise ValueError(f"cannot read --suite {args.suite}: {err.strerror}") from None
+    if not isinstance(suite, dict) or not isinstance(suite.get("methods"), list):
+        raise ValueError(f"--suite {args.suite} must be a YAML mapping with a list 'methods:' of method specs")
+    for key, value in suite.items():
+        key = key.replace("-", "_")
+        if key == "methods":
+            if args.methods is None:
+                args.methods = [str(v) for v in value]
+        elif key in RUN_KEYS or key == "seeds":
+            setattr(args, key, dict(value) if key == "model_opt" else value)
+        else:
+            raise ValueError(f"unknown key {key!r} in --suite {args.suite}; valid keys: methods, seeds, "
+                             + ", ".join(RUN_KEYS))
+
+
+def summarize(results: dict[str, list[list[dict]]], baseline: str | None) -> list[dict]:
+    """Mean and standard deviation over seeds of the final metrics, and time per epoch relative to the baseline."""
+    rows = []
+    for method, runs in results.items():
+        finals = [h[-1] for h in runs]
+        row = {"method": method, "seeds": len(runs)}
+        for key in ("test_accuracy", "test_loss", "test_ece"):
+            vals = torch.tensor([float(f[key]) for f in finals], dtype=torch.float64)
+            row[key] = vals.mean().item()
+            row[key + "_std"] = vals.std().item() if len(vals) > 1 else 0.0
+        # median over epochs and seeds: robust to the odd slow epoch on a shared machine
+        row["epoch_time"] = torch.tensor([e["train_time"] for h in runs for e in h]).median().item()
+        rows.append(row)
+    base = next((r for r in rows if r["method"] == baseline), rows[0])
+    for r in rows:
+        r["time_ratio"] = r["epoch_time"] / base["epoch_time"]
+    return rows
+
+
+def table(rows: list[dict], baseline: str) -> str:
+    lines = [f"| method | test accuracy (%) | test loss | ECE (%) | time/epoch vs {baseline} |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
+                     f"| {r['test_loss']:.4f} ± {r['test_loss_std']:.4f} | {100 * r['test_ece']:.2f} ± "
+                     f"{100 * r['test_ece_std']:.2f} | {r['time_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [r["method"] for r in rows]
+    ax1.bar(range(len(rows)), [100 * r["test_accuracy"] for r in rows], yerr=[100 * r["test_accuracy_std"] for r in rows],
+            capsize=4, color="tab:blue", alpha=0.8)
+    ax1.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+    lo = min(100 * (r["test_accuracy"] - 2 * r["test_accuracy_std"]) for r in rows)
+    ax1.set_ylim(max(0.0, lo - 1.0), 100.0 if lo > 90 else None)
+    ax1.set_ylabel("final test accuracy (%), mean ± sd over seeds")
+    for method, runs in results.items():
+        curves = torch.tensor([[100 * float(e["test_accuracy"]) for e in h] for h in runs], dtype=torch.float64)
+        mean = curves.mean(0)
+        sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
+        epochs = range(1, len(mean) + 1)
+        ax2.plot(epochs, mean, label=method)
+        ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("test accuracy (%)")
+    ax2.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(args) -> list[dict]:
+    if args.suite:
+        _load_suite(args)
+    specs = args.methods or DEFAULT_METHODS
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    specs = [M.canonical(s) for s in specs]  # fail fast on a bad spec, before any training
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"--methods lists a method twice: {specs}")
+    out = Path(args.out)
+    results: dict[str, list[list[dict]]] = {s: [] for s in specs}
+    runs = [(seed, spec) for seed in range(args.seeds) for spec in specs]  # seeds outer: drift hits every method alike
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = None
+    if show and _is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs), desc="compare", unit="run", file=sys.stderr)
+    start = time.perf_counter()
+    for seed in range(args.seeds):
+        splits = load_dataset(args.dataset, data_dir=args.data_dir, val_size=args.val_size, train_size=args.train_size,
+                              test_size=args.test_size, normalize=args.normalize, seed=seed)
+        for spec in specs:
+            history = run(_config(args, spec, seed), out_dir=out / _slug(spec) / f"seed-{seed}", progress=False,
+                          splits=splits)
+            results[spec].append(history)
+            msg = f"{spec} seed {seed}: test acc {100 * history[-1]['test_accuracy']:.2f}%"
+            if bar is not None:
+                bar.set_postfix_str(msg)
+                bar.update()
+            elif _is_main():
+                print(msg, file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    baseline = "erm" if "erm" in specs else specs[0]
+    rows = summarize(results, baseline)
+    if not _is_main():
+        return rows
+    text = table(rows, baseline)
+    budget = (f"{args.dataset}" + (f" (train subset {args.train_size})" if args.train_size else "")
+              + f", model {args.model}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+              f"seeds 0..{args.seeds - 1}")
+    print(f"\n{budget}\n\n{text}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(f"# maxup compare\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
+    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
+    plot(results, rows, out / "results.png", budget)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
+    return rows
