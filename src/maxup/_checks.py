@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 
 import torch
@@ -55,3 +56,25 @@ def check_inputs(x, *, name: str = "x", min_dim: int = 2, exact_dim: int | None 
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch")
     return x
+
+
+def check_int_tuple(name: str, value: object, *, allow_empty: bool = False) -> tuple[int, ...]:
+    """Return ``value`` as a tuple of positive ints, or raise a ValueError naming ``name``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}")
+    out = tuple(value)
+    if not allow_empty and not out:
+        raise ValueError(f"{name} must not be empty")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must contain positive ints only, got {value!r}")
+    return out
+
+
+def check_dropout(name: str, value: object) -> float:
+    """Return ``value`` as a float in [0, 1), or raise a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {value!r}")
+    return float(value)

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._common import check_int_tuple, check_positive_int, check_probability, init_weights
+from .._checks import check_dropout, check_int, check_int_tuple
+from ._common import init_weights
 
 __all__ = ["SmallCNN", "CNN1d", "MLP"]
 
@@ -56,10 +57,10 @@ class SmallCNN(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_channels = check_positive_int("in_channels", in_channels)
-        num_classes = check_positive_int("num_classes", num_classes)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
         channels = check_int_tuple("channels", channels)
-        dropout = check_probability("dropout", dropout)
+        dropout = check_dropout("dropout", dropout)
 
         blocks = []
         prev = in_channels
@@ -112,13 +113,13 @@ class CNN1d(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_channels = check_positive_int("in_channels", in_channels)
-        num_classes = check_positive_int("num_classes", num_classes)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
         channels = check_int_tuple("channels", channels)
-        kernel_size = check_positive_int("kernel_size", kernel_size)
+        kernel_size = check_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (for 'same' padding), got {kernel_size}")
-        dropout = check_probability("dropout", dropout)
+        dropout = check_dropout("dropout", dropout)
 
         blocks = []
         prev = in_channels
@@ -167,10 +168,10 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_features = check_positive_int("in_features", in_features)
-        num_classes = check_positive_int("num_classes", num_classes)
+        in_features = check_int("in_features", in_features)
+        num_classes = check_int("num_classes", num_classes)
         hidden = check_int_tuple("hidden", hidden, allow_empty=True)
-        dropout = check_probability("dropout", dropout)
+        dropout = check_dropout("dropout", dropout)
 
         self.flatten = nn.Flatten()
         blocks = []

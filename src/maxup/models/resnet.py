@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_positive_int, check_probability, init_weights
+from .._checks import check_dropout, check_int
+from ._common import init_weights
 
 __all__ = ["BasicBlock", "ResNet", "PreActWideBlock", "WideResNet"]
 
@@ -92,9 +93,9 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        in_channels = check_positive_int("in_channels", in_channels)
-        num_classes = check_positive_int("num_classes", num_classes)
-        width = check_positive_int("width", width)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        width = check_int("width", width)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
             raise ValueError(
                 f"depth must be of the form 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...), "
@@ -191,10 +192,10 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        in_channels = check_positive_int("in_channels", in_channels)
-        num_classes = check_positive_int("num_classes", num_classes)
-        widen_factor = check_positive_int("widen_factor", widen_factor)
-        dropout = check_probability("dropout", dropout)
+        in_channels = check_int("in_channels", in_channels)
+        num_classes = check_int("num_classes", num_classes)
+        widen_factor = check_int("widen_factor", widen_factor)
+        dropout = check_dropout("dropout", dropout)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6:
             raise ValueError(
                 f"depth must be of the form 6n+4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth!r}"
