@@ -24,6 +24,8 @@ import torch
 from . import augment as A
 from .objectives import ERM, MaxUp
 from .steps import Standard
+from .steps.gmix import make_bgmix, make_dgmix, make_sam_mixup
+from .steps.sam import make_asam, make_sam
 
 KINDS = ("augment", "objective", "step")
 
@@ -155,7 +157,7 @@ def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     objective = build_objective(terms, num_classes)
     term = next((t for t in terms if REGISTRY[t.name].kind == "step"), Term("standard"))
     factory = REGISTRY[term.name].factory if term.name in REGISTRY else Standard
-    extra = {"model": model} if _accepts(factory, "model") else {}
+    extra = {k: v for k, v in (("model", model), ("num_classes", num_classes)) if _accepts(factory, k)}
     return factory(objective, optimizer, **extra, **term.kwargs, **step_options)
 
 
@@ -198,3 +200,13 @@ for _name, _cls, _defaults, _summary in [
     ("resizemix", A.ResizeMix, {"per_sample": True}, "ResizeMix: another sample, shrunk, pasted in"),
 ]:
     register(_name, "augment", _aug(_cls, **_defaults), _summary, hidden=("num_classes",))
+
+_STEP_HIDDEN = ("objective", "optimizer", "model", "num_classes", "max_grad_norm", "amp")
+for _name, _factory, _summary in [
+    ("sam", make_sam, "SAM: the gradient at w + rho g/||g||, applied at w (two passes per step)"),
+    ("asam", make_asam, "ASAM: SAM in the scale-invariant ball T = |w| + eta (rho 0.5)"),
+    ("sam_mixup", make_sam_mixup, "G-Mix: SAM on the Mixup loss (Mixup after the spec's augmentations)"),
+    ("bgmix", make_bgmix, "BG-Mix: the gamma most sharpness-sensitive examples unmixed, the rest mixed, under SAM"),
+    ("dgmix", make_dgmix, "DG-Mix: each example's loss blends mixed and unmixed by its sensitivity rank, under SAM"),
+]:
+    register(_name, "step", _factory, _summary, hidden=_STEP_HIDDEN)

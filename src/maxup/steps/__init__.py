@@ -97,4 +97,7 @@ class Standard(Step):
         return result
 
 
-__all__ = ["AMP_MODES", "Standard", "Step"]
+from .sam import SAM  # noqa: E402  (after Step, which it subclasses)
+from .gmix import BGMix, DGMix, GMix  # noqa: E402
+
+__all__ = ["AMP_MODES", "BGMix", "DGMix", "GMix", "SAM", "Standard", "Step"]
