@@ -37,6 +37,12 @@ def test_compare_writes_table_json_markdown_and_plot(tmp_path, capsys):
     erm = next(r for r in results["summary"] if r["method"] == "erm")
     assert erm["time_ratio"] == 1.0
     assert (out / "maxup_m=2_cutout" / "seed-1" / "metrics.jsonl").exists()
+    # a second run never trains over the first; --resume reuses the finished runs as they are
+    argv = ["compare", "--methods", "erm,maxup(m=2)+cutout", "--seeds", "2", "--out", str(out), *TINY]
+    assert main(argv) == 2 and "--resume" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert [r["test_accuracy"] for r in again["summary"]] == [r["test_accuracy"] for r in results["summary"]]
 
 
 def test_train_writes_a_run_directory_and_resume_is_a_no_op_when_done(tmp_path, capsys):

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default=None, help="YAML file with a list 'methods:' (and optionally any other option)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (default: 3)")
     p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished runs in --out and continue the unfinished ones")
 
     sub.add_parser("methods", aliases=["list"], help="list every method term and its options")
     return parser

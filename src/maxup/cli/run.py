@@ -91,10 +91,21 @@ def _fmt(row: dict, prefix: str) -> str:
     return "  ".join(f"{prefix} {k} {row[f'{prefix}_{k}']:.4f}" for k in keys)
 
 
+def _refuse_overwrite(out, resume: bool, what: str) -> None:
+    """Never train over a user's earlier results without --resume."""
+    if out is None or resume:
+        return
+    out = Path(out)
+    if (out / "results.json").exists() or any(out.glob("**/checkpoints/*.pt")):
+        raise ValueError(f"--out {out} already holds {what}: pass --resume to continue (finished runs are reused), "
+                         "or choose another --out")
+
+
 def train(args) -> list[dict]:
     config = _config(args, args.method, args.seed)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
+    _refuse_overwrite(args.out, args.resume, "a training run")
     history = run(config, out_dir=args.out, resume=args.resume, progress=args.progress)
     if _is_main() and history:
         last = history[-1]
@@ -202,6 +213,7 @@ def compare(args) -> list[dict]:
     if len(set(specs)) != len(specs):
         raise ValueError(f"--methods lists a method twice: {specs}")
     out = Path(args.out)
+    _refuse_overwrite(out, args.resume, "a comparison")
     results: dict[str, list[list[dict]]] = {s: [] for s in specs}
     runs = [(seed, spec) for seed in range(args.seeds) for spec in specs]  # seeds outer: drift hits every method alike
     show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -216,7 +228,7 @@ def compare(args) -> list[dict]:
                               test_size=args.test_size, normalize=args.normalize, seed=seed)
         for spec in specs:
             history = run(_config(args, spec, seed), out_dir=out / _slug(spec) / f"seed-{seed}", progress=False,
-                          splits=splits)
+                          splits=splits, resume=args.resume)
             results[spec].append(history)
             msg = f"{spec} seed {seed}: test acc {100 * history[-1]['test_accuracy']:.2f}%"
             if bar is not None:
