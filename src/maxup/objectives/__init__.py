@@ -119,7 +119,8 @@ class MaxUp(Objective):
             only the chosen copies; ``"direct"`` backpropagates through all copies. They
             give the same gradient on models without batch statistics or dropout.
         select_batch_size: most rows the selection pass forwards at once (bounds its
-            memory); default ``max(batch, 1024)``.
+            memory); default: the batch size, one copy per forward, which measured fastest
+            on CPU (see docs/BENCHMARKS.md) and matches the training forward's batch statistics.
 
     >>> objective = MaxUp(maxup.augment.CutMix(num_classes=10, per_sample=True), m=4)
     >>> result = objective(model, x, y)          # result.loss.backward()
@@ -183,7 +184,7 @@ class MaxUp(Objective):
     def _scores(self, model, xs, ts) -> torch.Tensor:
         """(k, B) losses of every copy from a no-grad pass that leaves the model's buffers untouched."""
         k, b = ts.shape[:2]
-        per = max(1, (self.select_batch_size or max(b, 1024)) // b)  # whole copies per chunk
+        per = max(1, (self.select_batch_size or b) // b)  # whole copies per chunk
         with torch.no_grad(), frozen_buffers(model):
             return torch.cat([
                 soft_cross_entropy(model(xs[i:i + per].flatten(0, 1)), ts[i:i + per].flatten(0, 1), reduction="none")
