@@ -13,12 +13,7 @@ from maxup.cli import main
 TINY = ["--epochs", "1", "--test-size", "120", "--batch-size", "64", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_compare_writes_table_json_markdown_and_plot(tmp_path, capsys):

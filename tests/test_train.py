@@ -46,13 +46,7 @@ METHOD = "maxup(m=2, warmup_steps=10)+gaussian(sigma=0.1)"
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n: int = 200, dim: int = 16, seed: int = 0, shift: float = 1.0) -> TensorData:
