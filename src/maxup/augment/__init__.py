@@ -150,8 +150,12 @@ class _Mixing(Augmentation):
         """(k,) lambdas, k = B per sample or 1 per batch (one box, centre or scale for the batch too), and a partner permutation."""
         n = x.shape[0]
         k = n if self.per_sample else 1
-        lam = R.beta(self.alpha, (k,), generator=generator, device=x.device)
-        lam = torch.where(self._applied(k, generator, x.device), lam, torch.ones_like(lam))
+        if self.alpha == 1.0:  # Beta(1, 1) is U(0, 1): one uniform draw instead of two gamma samplers
+            lam = R.rand((k,), generator=generator, device=x.device)
+        else:
+            lam = R.beta(self.alpha, (k,), generator=generator, device=x.device)
+        if self.p < 1.0:
+            lam = torch.where(self._applied(k, generator, x.device), lam, torch.ones_like(lam))
         return lam, R.randperm(n, generator=generator, device=x.device)
 
     def _options(self):

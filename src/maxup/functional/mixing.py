@@ -30,9 +30,27 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
+def _partner(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` along the batch. ``index_select`` copies whole rows; advanced indexing
+    computes an offset per element and is several times slower on CPU."""
+    return x.index_select(0, perm.to(device=x.device, dtype=torch.long))
+
+
 def _mix_targets(targets: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """weight * t + (1 - weight) * t[perm], weight per sample."""
-    return torch.lerp(targets[perm], targets, weight.to(targets.dtype)[:, None])
+    return torch.lerp(_partner(targets, perm), targets, weight.to(targets.dtype)[:, None])
+
+
+def _paste_(out: torch.Tensor, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, src, out)`` written into ``out`` (a fresh tensor the caller owns),
+    for a 0/1 float ``mask`` that broadcasts against both.
+
+    ``lerp`` with a weight of exactly 0 or 1 returns one end bit for bit when both inputs are
+    finite (an inf or NaN in either gives NaN at that pixel, where ``torch.where`` would not);
+    on CPU it is several times faster than ``torch.where``/``masked_fill`` with a mask broadcast
+    over the channels, and working in place saves allocating one more batch-sized tensor.
+    """
+    return out.lerp_(src, mask)
 
 
 # ---------------------------------------------------------------- boxes and masks
@@ -40,12 +58,18 @@ def _mix_targets(targets: torch.Tensor, perm: torch.Tensor, weight: torch.Tensor
 
 def box_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """A (B, H, W) boolean mask, True inside each sample's box."""
+    return _box_weight(boxes, height, width, torch.uint8).view(torch.bool)
+
+
+def _box_weight(boxes: torch.Tensor, height: int, width: int, dtype=torch.float32) -> torch.Tensor:
+    """:func:`box_mask` as 0/1 numbers of ``dtype``: the outer product of a row and a column
+    indicator (a broadcast multiply is several times faster on CPU than a broadcast ``&``)."""
     boxes = boxes.to(torch.long)
     rows = torch.arange(height, device=boxes.device)
     cols = torch.arange(width, device=boxes.device)
-    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 2:3])
-    in_cols = (cols >= boxes[:, 1:2]) & (cols < boxes[:, 3:4])
-    return in_rows[:, :, None] & in_cols[:, None, :]
+    in_rows = ((rows >= boxes[:, 0:1]) & (rows < boxes[:, 2:3])).to(dtype)
+    in_cols = ((cols >= boxes[:, 1:2]) & (cols < boxes[:, 3:4])).to(dtype)
+    return in_rows[:, :, None] * in_cols[:, None, :]
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -106,21 +130,23 @@ def gaussian_noise(x: torch.Tensor, sigma, noise: torch.Tensor | None = None, *,
 
 def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Fill each sample's box with ``fill``; labels are unchanged."""
-    mask = box_mask(boxes.to(x.device), x.shape[-2], x.shape[-1])
-    return x.masked_fill(mask[:, None], fill)
+    mask = _box_weight(boxes.to(x.device), x.shape[-2], x.shape[-1], x.dtype)
+    return torch.lerp(x, x.new_full((), fill).expand_as(x), mask[:, None])
 
 
 def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor, padding: int, padding_mode: str = "constant"):
     """Pad by ``padding``, take the H x W window at ``offsets`` (B, 2) = (dy, dx) in [0, 2*padding],
-    and mirror horizontally where ``flip`` (B,) is True. Vectorised with two gathers."""
+    and mirror horizontally where ``flip`` (B,) is True. Vectorised: one gather over the flattened
+    padded image, with a (B, 1, H*W) source index shared by the channels."""
     b, c, h, w = x.shape
     xp = F.pad(x, (padding,) * 4, mode=padding_mode) if padding else x
+    hp, wp = xp.shape[-2:]
     offsets = offsets.to(device=x.device, dtype=torch.long)
     rows = offsets[:, 0:1] + torch.arange(h, device=x.device)
     cols = offsets[:, 1:2] + torch.arange(w, device=x.device)
     cols = torch.where(flip.to(x.device)[:, None], cols.flip(1), cols)
-    out = xp.gather(2, rows[:, None, :, None].expand(b, c, h, xp.shape[-1]))
-    return out.gather(3, cols[:, None, None, :].expand(b, c, h, w))
+    index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return xp.reshape(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
 
 # ---------------------------------------------------------------- mixing ops
@@ -132,7 +158,7 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, lam, perm: torch.Tensor):
     Works on any input shape (images, signals, features). Returns ``(x_mix, t_mix)``.
     """
     lam = _per_sample(lam, x.shape[0], x)
-    return torch.lerp(x[perm], x, _bcast(lam, x)), _mix_targets(targets, perm, lam)
+    return _partner(x, perm).lerp_(x, _bcast(lam, x)), _mix_targets(targets, perm, lam)
 
 
 def cutmix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm: torch.Tensor):
@@ -144,7 +170,7 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm: to
     h, w = x.shape[-2:]
     boxes = boxes.to(x.device)
     lam = 1.0 - box_area(boxes).expand(x.shape[0]) / (h * w)
-    out = torch.where(box_mask(boxes, h, w)[:, None], x[perm], x)
+    out = _paste_(_partner(x, perm), x, 1.0 - _box_weight(boxes, h, w, x.dtype)[:, None])
     return out, _mix_targets(targets, perm, lam), lam
 
 
@@ -162,9 +188,9 @@ def hmix(x: torch.Tensor, targets: torch.Tensor, lam, boxes: torch.Tensor, perm:
     lam = _per_sample(lam, x.shape[0], x)
     outside = 1.0 - box_area(boxes).expand(x.shape[0]).to(x.dtype) / (h * w)
     lam_m = torch.where(outside > 0, (lam / outside.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(lam))
-    partner = x[perm]
+    partner = _partner(x, perm)
     blend = torch.lerp(partner, x, _bcast(lam_m, x))
-    out = torch.where(box_mask(boxes, h, w)[:, None], partner, blend)
+    out = _paste_(blend, partner, _box_weight(boxes, h, w, x.dtype)[:, None])
     weight = outside * lam_m
     return out, _mix_targets(targets, perm, weight), weight
 
@@ -181,10 +207,10 @@ def gaussian_mask(lam, centers: torch.Tensor, height: int, width: int) -> torch.
     spread = ((1.0 - lam) * height * width).clamp_min(1e-12)[:, None]
     dy = torch.arange(height, device=centers.device, dtype=torch.float32) + 0.5 - centers[:, 0:1]
     dx = torch.arange(width, device=centers.device, dtype=torch.float32) + 0.5 - centers[:, 1:2]
-    gy = torch.exp(-torch.pi * dy.square() / spread)
+    # rows of lam == 1 (no partner) are zero: a (B, H) multiply instead of a (B, H, W) where
+    gy = torch.exp(-torch.pi * dy.square() / spread) * (lam < 1).to(torch.float32)[:, None]
     gx = torch.exp(-torch.pi * dx.square() / spread)
-    mask = gy[:, :, None] * gx[:, None, :]
-    return torch.where((lam < 1)[:, None, None], mask, torch.zeros_like(mask))
+    return gy[:, :, None] * gx[:, None, :]
 
 
 def gmix(x: torch.Tensor, targets: torch.Tensor, lam, centers: torch.Tensor, perm: torch.Tensor):
@@ -196,7 +222,7 @@ def gmix(x: torch.Tensor, targets: torch.Tensor, lam, centers: torch.Tensor, per
     h, w = x.shape[-2:]
     centers = centers.to(x.device).expand(x.shape[0], 2)
     mask = gaussian_mask(_per_sample(lam, x.shape[0], x), centers, h, w).to(x.dtype)
-    out = torch.lerp(x, x[perm], mask[:, None])
+    out = torch.lerp(x, _partner(x, perm), mask[:, None])
     weight = 1.0 - mask.mean(dim=(1, 2))
     return out, _mix_targets(targets, perm, weight), weight
 
@@ -213,7 +239,7 @@ def resizemix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm:
     v = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5 - boxes[:, 0:1]) / size[:, 0:1] * 2 - 1
     u = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5 - boxes[:, 1:2]) / size[:, 1:2] * 2 - 1
     grid = torch.stack([u[:, None, :].expand(b, h, w), v[:, :, None].expand(b, h, w)], dim=-1)
-    patch = F.grid_sample(x[perm], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    out = torch.where(box_mask(boxes, h, w)[:, None], patch, x)
+    patch = F.grid_sample(_partner(x, perm), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = _paste_(patch, x, 1.0 - _box_weight(boxes, h, w, x.dtype)[:, None])
     lam = (1.0 - box_area(boxes) / (h * w)).expand(b)
     return out, _mix_targets(targets, perm, lam), lam
