@@ -29,7 +29,25 @@ def _conv_block(conv: nn.Module, bn: nn.Module, pool: nn.Module | None) -> nn.Se
     return nn.Sequential(*layers)
 
 
-class SmallCNN(nn.Module):
+class _ConvStack(nn.Module):
+    """Shared head of the 1-D and 2-D CNNs: blocks, global average pool, dropout, linear classifier."""
+
+    def _head(self, blocks: list[nn.Module], pool: nn.Module, features: int, num_classes: int, dropout: float) -> None:
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = pool
+        self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(features, num_classes)
+        init_weights(self)
+        self.stages: list[str] = [f"blocks.{i}" for i in range(len(blocks))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(x)
+        x = self.flatten(self.pool(x))
+        return self.classifier(self.dropout(x))
+
+
+class SmallCNN(_ConvStack):
     """A small 2-D CNN: conv-BN-ReLU blocks, 2x2 max-pool after every block but
     the last, global average pool, dropout, linear classifier.
 
@@ -71,22 +89,10 @@ class SmallCNN(nn.Module):
                 _conv_block(nn.Conv2d(prev, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), pool)
             )
             prev = ch
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(prev, num_classes)
-        init_weights(self)
-
-        self.stages: list[str] = [f"blocks.{i}" for i in range(len(channels))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
-        x = self.flatten(self.pool(x))
-        return self.classifier(self.dropout(x))
+        self._head(blocks, nn.AdaptiveAvgPool2d(1), prev, num_classes, dropout)
 
 
-class CNN1d(nn.Module):
+class CNN1d(_ConvStack):
     """A 1-D CNN for (C, L) signals: Conv1d-BN-ReLU blocks, max-pool by 2 after
     every block but the last, global average pool, dropout, linear classifier.
 
@@ -129,19 +135,7 @@ class CNN1d(nn.Module):
             conv = nn.Conv1d(prev, ch, kernel_size, padding=kernel_size // 2, bias=False)
             blocks.append(_conv_block(conv, nn.BatchNorm1d(ch), pool))
             prev = ch
-        self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool1d(1)
-        self.flatten = nn.Flatten()
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(prev, num_classes)
-        init_weights(self)
-
-        self.stages: list[str] = [f"blocks.{i}" for i in range(len(channels))]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(x)
-        x = self.flatten(self.pool(x))
-        return self.classifier(self.dropout(x))
+        self._head(blocks, nn.AdaptiveAvgPool1d(1), prev, num_classes, dropout)
 
 
 class MLP(nn.Module):
