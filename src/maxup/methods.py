@@ -9,7 +9,9 @@ A spec joins terms with ``+``; each term is ``name`` or ``name(key=value, ...)``
 
 Augmentation terms apply in the order written; at most one objective term
 (``erm``, ``maxup``) wraps them, and at most one step term (SAM, GradAug, ...) wraps
-the objective. Later modules add terms with :func:`register`.
+the objective; ``sam`` or ``asam`` may join a step term whose factory takes ``sam=``
+(``sam(rho=0.05)+gradaug``: SAM on the GradAug loss). Later modules add terms with
+:func:`register`.
 """
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ from . import augment as A
 from .objectives import ERM, MaxUp
 from .steps import Standard
 from .steps.gmix import make_bgmix, make_dgmix, make_sam_mixup
+from .steps.gradaug import make_gradaug
 from .steps.sam import make_asam, make_sam
 
 KINDS = ("augment", "objective", "step")
+SAM_TERMS = ("sam", "asam")  # step terms that may join a step whose factory takes ``sam=`` (the SAM step built)
 
 
 @dataclass(frozen=True)
@@ -120,9 +124,19 @@ def parse(spec: str) -> list[Term]:
         terms.append(Term(name, kwargs))
     for kind in ("objective", "step"):
         found = [t.name for t in terms if REGISTRY[t.name].kind == kind]
+        if kind == "step" and len(found) == 2 and _sam_pair(found):
+            continue
         if len(found) > 1:
-            raise ValueError(f"method spec {spec!r} has more than one {kind} term: {found}")
+            hint = " (only sam or asam can join a step such as gradaug)" if kind == "step" else ""
+            raise ValueError(f"method spec {spec!r} has more than one {kind} term: {found}{hint}")
     return terms
+
+
+def _sam_pair(names: list[str]) -> bool:
+    """Two step terms that combine: one SAM term and one step whose factory takes ``sam=``."""
+    a, b = names
+    return any(x in SAM_TERMS and y not in SAM_TERMS and _accepts(REGISTRY[y].factory, "sam")
+               for x, y in ((a, b), (b, a)))
 
 
 def _accepts(factory: Callable, name: str) -> bool:
@@ -155,9 +169,13 @@ def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     """
     terms = parse(spec)
     objective = build_objective(terms, num_classes)
-    term = next((t for t in terms if REGISTRY[t.name].kind == "step"), Term("standard"))
+    steps = [t for t in terms if REGISTRY[t.name].kind == "step"]
+    term = next((t for t in steps if len(steps) == 1 or t.name not in SAM_TERMS), Term("standard"))
     factory = REGISTRY[term.name].factory if term.name in REGISTRY else Standard
     extra = {k: v for k, v in (("model", model), ("num_classes", num_classes)) if _accepts(factory, k)}
+    if len(steps) == 2:  # e.g. sam(rho=0.05)+gradaug: the step runs the SAM step's settings
+        inner = next(t for t in steps if t is not term)
+        extra["sam"] = REGISTRY[inner.name].factory(objective, optimizer, **inner.kwargs)
     return factory(objective, optimizer, **extra, **term.kwargs, **step_options)
 
 
@@ -208,5 +226,7 @@ for _name, _factory, _summary in [
     ("sam_mixup", make_sam_mixup, "G-Mix: SAM on the Mixup loss (Mixup after the spec's augmentations)"),
     ("bgmix", make_bgmix, "BG-Mix: the gamma most sharpness-sensitive examples unmixed, the rest mixed, under SAM"),
     ("dgmix", make_dgmix, "DG-Mix: each example's loss blends mixed and unmixed by its sensitivity rank, under SAM"),
+    ("gradaug", make_gradaug, "GradAug: random-width sub-networks on resized inputs, distilled towards the full "
+                              "network (with sam/asam: SAM on that loss)"),
 ]:
-    register(_name, "step", _factory, _summary, hidden=_STEP_HIDDEN)
+    register(_name, "step", _factory, _summary, hidden=_STEP_HIDDEN + ("sam",))

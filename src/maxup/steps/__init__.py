@@ -99,5 +99,6 @@ class Standard(Step):
 
 from .sam import SAM  # noqa: E402  (after Step, which it subclasses)
 from .gmix import BGMix, DGMix, GMix  # noqa: E402
+from .gradaug import GradAug  # noqa: E402
 
-__all__ = ["AMP_MODES", "BGMix", "DGMix", "GMix", "SAM", "Standard", "Step"]
+__all__ = ["AMP_MODES", "BGMix", "DGMix", "GMix", "GradAug", "SAM", "Standard", "Step"]

@@ -128,6 +128,21 @@ class SAM(Step):
         """The second pass: the same rows and weights at the current (perturbed) weights."""
         return self.objective.reevaluate(model, result)
 
+    def _first_pass(self, model, x, y, generator, frac: float, sync: bool) -> ObjectiveResult:
+        """Forward and backward of one micro-batch at ``w`` (the last backward synchronised when ``sync``)."""
+        with _sync(model, sync):
+            with self.autocast(x):
+                result = _scaled(self._evaluate(model, x, y, generator), frac)
+            self.backward(result.loss)
+        return result
+
+    def _second_pass(self, model, result: ObjectiveResult, sync: bool) -> None:
+        """Forward and backward of one micro-batch's rows at ``w + eps``."""
+        with _sync(model, sync):
+            with self.autocast(result.inputs):
+                again = self._reevaluate(model, result)
+            self.backward(again.loss)
+
     # ------------------------------------------------------------------ pieces
 
     def _chunks(self, x, y):
@@ -168,11 +183,7 @@ class SAM(Step):
         last = len(chunks) - 1
         results = []
         for i, (xi, yi, frac) in enumerate(chunks):
-            with _sync(model, i == last and (self.sync_first or not sam)):
-                with self.autocast(xi):
-                    result = _scaled(self._evaluate(model, xi, yi, generator), frac)
-                self.backward(result.loss)
-            results.append(result)
+            results.append(self._first_pass(model, xi, yi, generator, frac, i == last and (self.sync_first or not sam)))
         if not sam:
             self.update()
             return _merge(results)
@@ -195,10 +206,7 @@ class SAM(Step):
         try:
             with frozen_buffers(model):
                 for i, result in enumerate(results):
-                    with _sync(model, i == last):
-                        with self.autocast(x):
-                            again = self._reevaluate(model, result)
-                        self.backward(again.loss)
+                    self._second_pass(model, result, i == last)
         finally:
             with torch.no_grad():
                 if params:
