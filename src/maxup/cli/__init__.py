@@ -1,7 +1,8 @@
-"""The ``maxup`` command: ``train``, ``compare`` and ``methods``.
+"""The ``maxup`` command: ``train``, ``compare``, ``certify`` and ``methods``.
 
     maxup compare                                   # the main job: six methods on digits, three seeds
     maxup train --dataset fashion-mnist --model resnet --method "maxup(m=4)+cutout" --epochs 10 --out runs/a
+    maxup certify runs/a runs/b --limit 500         # certified accuracy by randomized smoothing
     maxup methods                                   # every method term and its options
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import sys
 
 from .. import methods as M
+from . import certify as C
 from .run import DEFAULT_METHODS, add_run_options, compare, train
 
 
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs in --out and continue the unfinished ones")
 
+    C.add_parser(sub)
     sub.add_parser("methods", aliases=["list"], help="list every method term and its options")
     return parser
 
@@ -77,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             compare(args)
+            return 0
+        if args.command == "certify":
+            C.certify(args)
             return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"maxup: error: {err}", file=sys.stderr)
