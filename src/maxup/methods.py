@@ -6,6 +6,7 @@ A spec joins terms with ``+``; each term is ``name`` or ``name(key=value, ...)``
     cutout(size=8)
     maxup(m=4)+cutmix
     maxup(m=4, temperature=0.5)+cropflip+mixup(alpha=0.2)
+    maxup(m=4)+word_dropout(p=0.1)+embed_noise(sigma=0.1)      # language models (maxup lm)
 
 Augmentation terms apply in the order written; at most one objective term
 (``erm``, ``maxup``) wraps them, and at most one step term (SAM, GradAug, ...) wraps
@@ -143,18 +144,23 @@ def _accepts(factory: Callable, name: str) -> bool:
     return name in inspect.signature(factory).parameters
 
 
-def build_augment(terms: list[Term], num_classes: int) -> A.Augmentation | None:
-    augs = [REGISTRY[t.name].factory(**t.kwargs, num_classes=num_classes)
-            for t in terms if REGISTRY[t.name].kind == "augment"]
+def build_augment(terms: list[Term], num_classes: int, model: torch.nn.Module | None = None) -> A.Augmentation | None:
+    """The spec's augmentations, composed in order; ``model`` goes to factories that take it (``embed_noise``)."""
+    augs = []
+    for t in terms:
+        entry = REGISTRY[t.name]
+        if entry.kind == "augment":
+            extra = {"model": model} if _accepts(entry.factory, "model") else {}
+            augs.append(entry.factory(**t.kwargs, **extra, num_classes=num_classes))
     if not augs:
         return None
     return augs[0] if len(augs) == 1 else A.Compose(augs, num_classes=num_classes)
 
 
-def build_objective(spec: str | list[Term], num_classes: int):
+def build_objective(spec: str | list[Term], num_classes: int, model: torch.nn.Module | None = None):
     """The objective a spec describes (ERM when it names none)."""
     terms = parse(spec) if isinstance(spec, str) else spec
-    augment = build_augment(terms, num_classes)
+    augment = build_augment(terms, num_classes, model)
     obj = next((t for t in terms if REGISTRY[t.name].kind == "objective"), Term("erm"))
     entry = REGISTRY[obj.name]
     if augment is None and entry.name != "erm":
@@ -168,7 +174,7 @@ def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     ``step_options`` (``max_grad_norm``, ``amp``, ...) go to the step's constructor.
     """
     terms = parse(spec)
-    objective = build_objective(terms, num_classes)
+    objective = build_objective(terms, num_classes, model)
     steps = [t for t in terms if REGISTRY[t.name].kind == "step"]
     term = next((t for t in steps if len(steps) == 1 or t.name not in SAM_TERMS), Term("standard"))
     factory = REGISTRY[term.name].factory if term.name in REGISTRY else Standard
@@ -218,6 +224,23 @@ for _name, _cls, _defaults, _summary in [
     ("resizemix", A.ResizeMix, {"per_sample": True}, "ResizeMix: another sample, shrunk, pasted in"),
 ]:
     register(_name, "augment", _aug(_cls, **_defaults), _summary, hidden=("num_classes",))
+
+
+def _embed_noise(sigma: float = 0.1, *, model=None, num_classes=None):
+    embedding = getattr(model, "embedding", None)
+    if not isinstance(embedding, torch.nn.Embedding):
+        raise ValueError("embed_noise needs a model whose nn.Embedding is its .embedding attribute and that embeds "
+                         "with maxup.functional.embed, such as maxup.models.LSTMLanguageModel (maxup lm)")
+    return A.EmbeddingNoise(sigma, dim=embedding.embedding_dim, num_classes=num_classes)
+
+
+# language modelling: token ids (B, T) in, each segment one sample (see maxup.augment.text)
+register("embed_noise", "augment", _embed_noise, "Gaussian noise N(0, sigma^2) on the word embeddings (language "
+         "models; last in a spec)", hidden=("num_classes", "model"))
+register("word_dropout", "augment", _aug(A.WordDropout), "word dropout: each input token becomes <unk> with "
+         "probability p (language models)", hidden=("num_classes",))
+register("token_sub", "augment", _aug(A.TokenSubstitution), "each input token replaced by a random word with "
+         "probability p (language models)", hidden=("num_classes",))
 
 _STEP_HIDDEN = ("objective", "optimizer", "model", "num_classes", "max_grad_norm", "amp")
 for _name, _factory, _summary in [

@@ -28,6 +28,8 @@ class Augmentation(nn.Module):
 
     #: the rank the inputs must have (None: any rank >= 2)
     image_only = False
+    #: token-sequence augmentations (:mod:`maxup.augment.text`): ids in, integer targets kept
+    sequence = False
 
     def __init__(self, *, num_classes: int | None = None, p: float = 1.0):
         super().__init__()
@@ -35,6 +37,8 @@ class Augmentation(nn.Module):
         self.p = check_probability("p", p)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+        if self.sequence:  # Compose / RandomChoice of token augmentations: each member checks its inputs
+            return self.apply(x, y, generator)
         x = check_inputs(x, exact_dim=4 if self.image_only else None)
         if not isinstance(y, torch.Tensor):
             raise ValueError(f"y must be a torch.Tensor of labels, got {type(y).__name__}")
@@ -255,6 +259,7 @@ class Compose(Augmentation):
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
         self.image_only = any(a.image_only for a in augmentations)
+        self.sequence = _sequence(augmentations)
 
     def apply(self, x, t, generator):
         for aug in self.augmentations:
@@ -280,6 +285,7 @@ class RandomChoice(Augmentation):
             raise ValueError(f"weights must be {len(augmentations)} non-negative numbers with a positive sum, got {weights!r}")
         self.register_buffer("weights", (w / w.sum()).float(), persistent=False)
         self.image_only = any(a.image_only for a in augmentations)
+        self.sequence = _sequence(augmentations)
 
     def apply(self, x, t, generator):
         u = float(R.rand((1,), generator=generator))
@@ -297,6 +303,14 @@ def _common_classes(augmentations) -> int | None:
     return found.pop() if found else None
 
 
+def _sequence(augmentations) -> bool:
+    found = {a.sequence for a in augmentations}
+    if len(found) > 1:
+        raise ValueError("token-sequence augmentations (embed_noise, word_dropout, token_sub) cannot be combined "
+                         "with image or feature augmentations")
+    return found.pop()
+
+
 def collate(augment: Augmentation, generator: torch.Generator | None = None):
     """A DataLoader ``collate_fn`` that stacks (x, y) samples and augments the batch.
 
@@ -310,7 +324,10 @@ def collate(augment: Augmentation, generator: torch.Generator | None = None):
     return fn
 
 
+from .text import EmbeddingNoise, TokenAugmentation, TokenSubstitution, WordDropout  # noqa: E402 (subclasses)
+
 __all__ = [
-    "Augmentation", "Compose", "CutMix", "Cutout", "GMix", "GaussianNoise", "HMix", "Identity", "Mixup",
-    "RandomChoice", "RandomCropFlip", "ResizeMix", "collate",
+    "Augmentation", "Compose", "CutMix", "Cutout", "EmbeddingNoise", "GMix", "GaussianNoise", "HMix", "Identity",
+    "Mixup", "RandomChoice", "RandomCropFlip", "ResizeMix", "TokenAugmentation", "TokenSubstitution",
+    "WordDropout", "collate",
 ]

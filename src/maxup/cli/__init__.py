@@ -1,8 +1,10 @@
-"""The ``maxup`` command: ``train``, ``compare``, ``certify`` and ``methods``.
+"""The ``maxup`` command: ``train``, ``compare``, ``certify``, ``lm``, ``lm-corpus`` and ``methods``.
 
     maxup compare                                   # the main job: six methods on digits, three seeds
     maxup train --dataset fashion-mnist --model resnet --method "maxup(m=4)+cutout" --epochs 10 --out runs/a
     maxup certify runs/a runs/b --limit 500         # certified accuracy by randomized smoothing
+    maxup lm --corpus kjv --method "maxup(m=4)+embed_noise(sigma=0.1)" --out runs/lm   # language modelling
+    maxup compare --task lm --corpus kjv --methods "erm,maxup(m=4)+word_dropout(p=0.1)"
     maxup methods                                   # every method term and its options
 """
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 
 from .. import methods as M
 from . import certify as C
-from .run import DEFAULT_METHODS, add_run_options, compare, train
+from . import lm as L
+from .run import DEFAULT_METHODS, IMAGE_DEFAULTS, TASK_DEFAULT, add_run_options, compare, train
 
 
 def _methods_arg(text: str) -> list[str]:
@@ -48,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "results.json, results.md and results.png into --out. With no arguments: "
                                    f"{', '.join(DEFAULT_METHODS)} on digits, three seeds.")
     add_run_options(p)
+    p.add_argument("--task", choices=("image", "lm"), default="image",
+                   help="image: --dataset and --model (default); lm: word-level language modelling on --corpus "
+                        "with the LSTM, perplexity as the metric, the optimisation defaults of `maxup lm`")
+    L.add_corpus_options(p)
+    p.set_defaults(**{k: TASK_DEFAULT for k in IMAGE_DEFAULTS})
     p.add_argument("--methods", type=_methods_arg, default=None,
                    help="comma-separated method specs (default: " + ",".join(DEFAULT_METHODS) + ")")
     p.add_argument("--suite", default=None, help="YAML file with a list 'methods:' (and optionally any other option)")
@@ -57,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse the finished runs in --out and continue the unfinished ones")
 
     C.add_parser(sub)
+    L.add_parsers(sub)
     sub.add_parser("methods", aliases=["list"], help="list every method term and its options")
     return parser
 
@@ -72,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 for e in M.list_methods():
                     if e.kind == kind:
                         opts = ", ".join(f"{k}={v!r}" for k, v in e.options().items())
-                        print(f"  {e.name:<10} {e.summary}" + (f"\n  {'':<10} options: {opts}" if opts else ""))
+                        print(f"  {e.name:<12} {e.summary}" + (f"\n  {'':<12} options: {opts}" if opts else ""))
             print("compose with '+', e.g. 'maxup(m=4)+cutout(size=8)'")
             return 0
         if args.command == "train":
@@ -83,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "certify":
             C.certify(args)
+            return 0
+        if args.command == "lm":
+            L.lm(args)
+            return 0
+        if args.command == "lm-corpus":
+            L.lm_corpus(args)
             return 0
     except (ValueError, FileNotFoundError) as err:
         print(f"maxup: error: {err}", file=sys.stderr)

@@ -21,6 +21,28 @@ RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size",
             "max_grad_norm", "device")
 
 
+#: suite keys beside RUN_KEYS: the seeds, and the language-modelling task's (``maxup compare --task lm``)
+SUITE_KEYS = ("seeds", "task", "corpus", "bptt", "train_tokens")
+#: options whose default depends on the task (``maxup compare --task``): the image defaults
+IMAGE_DEFAULTS = {"epochs": 15, "batch_size": 128, "optimizer": "sgd", "lr": 0.05, "weight_decay": 5e-4,
+                  "max_grad_norm": None}
+
+
+class _TaskDefault:
+    def __repr__(self) -> str:
+        return "by task"
+
+
+TASK_DEFAULT = _TaskDefault()  # an option left to the task's default (``maxup compare --task``)
+
+
+def fill_task_defaults(args, defaults: dict) -> None:
+    """Set the options ``compare`` left to the task (:data:`TASK_DEFAULT`) to ``defaults``."""
+    for key, value in defaults.items():
+        if getattr(args, key, TASK_DEFAULT) is TASK_DEFAULT:
+            setattr(args, key, value)
+
+
 def _key_value(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -41,15 +63,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")
     g.add_argument("--model-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")
+    add_optim_options(p)
+
+
+def add_optim_options(p: argparse.ArgumentParser) -> None:
+    """The optimisation options shared by image training and language modelling (``maxup lm``)."""
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=15, help="training epochs (default: 15)")
-    g.add_argument("--batch-size", type=int, default=128, help="batch size per process (default: 128)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
-    g.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default: 0.05)")
+    d = IMAGE_DEFAULTS  # other tasks change them with p.set_defaults
+    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="batch size per process (default: %(default)s)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d["optimizer"],
+                   help="SGD with Nesterov momentum, or AdamW (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: %(default)s)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay (default: %(default)s)")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up before the cosine decay")
-    g.add_argument("--max-grad-norm", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
+                   help="clip the gradient norm to this value (default: %(default)s)")
     g.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (bf16 on CPU/GPU, fp16 on GPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -137,20 +168,22 @@ def _load_suite(args) -> None:
         if key == "methods":
             if args.methods is None:
                 args.methods = [str(v) for v in value]
-        elif key in RUN_KEYS or key == "seeds":
+        elif key in RUN_KEYS or key in SUITE_KEYS:
             setattr(args, key, dict(value) if key == "model_opt" else value)
         else:
-            raise ValueError(f"unknown key {key!r} in --suite {args.suite}; valid keys: methods, seeds, "
-                             + ", ".join(RUN_KEYS))
+            raise ValueError(f"unknown key {key!r} in --suite {args.suite}; valid keys: methods, "
+                             + ", ".join(SUITE_KEYS + RUN_KEYS))
 
 
-def summarize(results: dict[str, list[list[dict]]], baseline: str | None) -> list[dict]:
-    """Mean and standard deviation over seeds of the final metrics, and time per epoch relative to the baseline."""
+def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
+              keys: tuple[str, ...] = ("test_accuracy", "test_loss", "test_ece")) -> list[dict]:
+    """Mean and standard deviation over seeds of the final metrics ``keys``, and time per epoch relative to
+    the baseline."""
     rows = []
     for method, runs in results.items():
         finals = [h[-1] for h in runs]
         row = {"method": method, "seeds": len(runs)}
-        for key in ("test_accuracy", "test_loss", "test_ece"):
+        for key in keys:
             vals = torch.tensor([float(f[key]) for f in finals], dtype=torch.float64)
             row[key] = vals.mean().item()
             row[key + "_std"] = vals.std().item() if len(vals) > 1 else 0.0
@@ -206,6 +239,11 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
 def compare(args) -> list[dict]:
     if args.suite:
         _load_suite(args)
+    if getattr(args, "task", "image") == "lm":
+        from .lm import compare_lm
+
+        return compare_lm(args)
+    fill_task_defaults(args, IMAGE_DEFAULTS)
     specs = args.methods or DEFAULT_METHODS
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")

@@ -12,14 +12,21 @@ from .core import DataSplits, TensorData, from_tensors, stratified_split
 from .datasets import list_datasets, load_dataset
 from .idx import read_idx
 from .loader import Loader
+from .text import Corpus, build_kjv_corpus, kjv_corpus, load_corpus, read_corpus, segments
 
 __all__ = [
+    "Corpus",
     "DataSplits",
     "Loader",
     "TensorData",
+    "build_kjv_corpus",
     "from_tensors",
+    "kjv_corpus",
     "list_datasets",
+    "load_corpus",
     "load_dataset",
+    "read_corpus",
     "read_idx",
+    "segments",
     "stratified_split",
 ]

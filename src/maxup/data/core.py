@@ -28,7 +28,8 @@ class TensorData:
     """One split held in memory.
 
     ``x`` is float32 of shape (N, C, H, W) images, (N, C, L) signals or (N, D)
-    features; ``y`` is int64 of shape (N,).
+    features; ``y`` is int64 of shape (N,). For language modelling (:mod:`maxup.data.text`)
+    ``x`` holds int64 token ids (N, T) and ``y`` the next-token ids (N, T).
     """
 
     x: torch.Tensor
@@ -37,8 +38,9 @@ class TensorData:
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
             raise TypeError("TensorData: x and y must be torch tensors (use maxup.data.from_tensors for numpy arrays)")
-        if self.y.ndim != 1:
-            raise ValueError(f"TensorData: y must have shape (N,), got {tuple(self.y.shape)}")
+        if self.y.ndim != 1 and not (self.y.ndim == 2 and self.y.shape == self.x.shape):
+            raise ValueError(f"TensorData: y must have shape (N,), or (N, T) like x for token sequences, "
+                             f"got {tuple(self.y.shape)}")
         if self.x.ndim < 2:
             raise ValueError(f"TensorData: x must have shape (N, ...) with at least 2 dims, got {tuple(self.x.shape)}")
         if self.x.shape[0] != self.y.shape[0]:

@@ -17,9 +17,11 @@ from .mixing import (
     sample_inner_boxes,
 )
 from .targets import soft_cross_entropy, soft_targets
+from .text import embed, embedding_noise, token_mask, token_substitution, word_dropout
 
 __all__ = [
     "box_area", "box_mask", "crop_flip", "cutmix", "cutout", "gaussian_mask", "gaussian_noise", "gmix",
     "hmix", "mixup", "resizemix", "sample_beta", "sample_boxes", "sample_cutout_boxes", "sample_inner_boxes",
-    "soft_cross_entropy", "soft_targets",
+    "soft_cross_entropy", "soft_targets", "embed", "embedding_noise", "token_mask", "token_substitution",
+    "word_dropout",
 ]

@@ -53,8 +53,10 @@ def soft_targets(y: torch.Tensor, num_classes: int | None = None, smoothing: flo
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy ``-sum_c t_c log softmax(logits)_c`` for (B, C) soft targets.
 
-    Integer targets of shape (B,) are accepted as class indices. ``reduction`` is one of
-    ``"none"`` (per-sample losses), ``"mean"`` or ``"sum"``.
+    Integer targets of shape (B,) are accepted as class indices. Sequences work too:
+    logits (B, T, C) with targets (B, T) of token ids or (B, T, C) soft targets; the loss
+    of a sample is then the mean over its T tokens. ``reduction`` is one of ``"none"``
+    (per-sample losses), ``"mean"`` or ``"sum"``.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -63,7 +65,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: s
             raise ValueError(f"targets of shape {tuple(targets.shape)} do not match logits {tuple(logits.shape)}")
         losses = -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
     else:
-        losses = F.cross_entropy(logits, targets, reduction="none")
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"integer targets of shape {tuple(targets.shape)} do not match logits "
+                             f"{tuple(logits.shape)}: expected shape {tuple(logits.shape[:-1])}")
+        losses = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+    if losses.dim() > 1:  # sequences: one loss per sample, the mean over its tokens
+        losses = losses.flatten(1).mean(1)
     if reduction == "mean":
         return losses.mean()
     if reduction == "sum":

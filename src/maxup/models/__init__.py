@@ -11,9 +11,13 @@ BatchNorm1d/2d, ReLU, pooling, Dropout, Flatten), so GradAug's width slicing
 can convert them; every model exposes ``stages`` (names in
 ``named_modules()`` after which hidden features can be mixed, stem output
 first) and ``classifier`` (the final ``nn.Linear``).
+
+:class:`LSTMLanguageModel` (word-level language modelling, ``maxup lm``) is built
+directly, not by name: it maps token ids (B, T) to logits (B, T, vocab_size).
 """
 
 from .cnn import CNN1d, MLP, SmallCNN
+from .lstm import LSTMLanguageModel
 from .registry import create_model, list_models, model_options
 from .resnet import BasicBlock, PreActWideBlock, ResNet, WideResNet
 
@@ -28,4 +32,5 @@ __all__ = [
     "BasicBlock",
     "WideResNet",
     "PreActWideBlock",
+    "LSTMLanguageModel",
 ]

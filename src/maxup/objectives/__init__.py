@@ -61,7 +61,7 @@ class Objective:
 
 def _plain(model, inputs, targets) -> ObjectiveResult:
     logits = model(inputs)
-    if not targets.is_floating_point():
+    if not targets.is_floating_point() and targets.dim() == 1:  # class labels; token ids (B, T) stay ids
         targets = soft_targets(targets, logits.shape[-1])
     losses = soft_cross_entropy(logits, targets, reduction="none")
     weights = torch.full_like(losses, 1.0 / losses.shape[0]).detach()
@@ -105,7 +105,9 @@ class MaxUp(Objective):
     """MaxUp (Gong et al. 2020): the mean over samples of the worst loss among ``m`` augmented copies.
 
     Each copy is drawn independently (its own lambda, box, partner, noise and mixed label)
-    and the maximum is taken per sample, over that sample's copies.
+    and the maximum is taken per sample, over that sample's copies. For sequences (language
+    modelling, :mod:`maxup.augment.text`) a sample is a segment and its loss the mean token
+    cross-entropy, so MaxUp keeps, per segment, the copy with the highest mean token loss.
 
     Args:
         augment: the augmentation to draw copies from (any :mod:`maxup.augment` module).
@@ -148,10 +150,15 @@ class MaxUp(Objective):
         self.num_steps = 0
 
     def candidates(self, x, y, generator=None, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (k, B, ...) inputs and (k, B, C) targets of every candidate copy, copy-major."""
+        """The (k, B, ...) inputs and (k, B, C) targets ((k, B, T) token ids for sequences) of every
+        candidate copy, copy-major."""
         copies = [self.augment(x, y, generator) for _ in range(self.m if m is None else m)]
         if self.include_clean:
-            copies.append((x, soft_targets(y, copies[0][1].shape[-1]).to(x.device)))
+            t = copies[0][1]
+            if copies[0][0].shape != x.shape:
+                raise ValueError(f"include_clean needs copies shaped like the inputs, but {self.augment!r} turns "
+                                 f"{tuple(x.shape)} into {tuple(copies[0][0].shape)}: drop include_clean")
+            copies.append((x, soft_targets(y, t.shape[-1]).to(x.device) if t.is_floating_point() else y))
         return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies])
 
     def __call__(self, model, x, y, generator=None) -> ObjectiveResult:

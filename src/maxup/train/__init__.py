@@ -18,7 +18,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from .metrics import evaluate, expected_calibration_error
+from .metrics import evaluate, expected_calibration_error, perplexity
 from .optim import make_optimizer, make_scheduler, parameter_groups
 from .trainer import TIMING_KEYS, NonFiniteLossError, Trainer
 
@@ -40,6 +40,7 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "parameter_groups",
+    "perplexity",
     "restore_rng",
     "save_checkpoint",
 ]

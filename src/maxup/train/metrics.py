@@ -1,9 +1,11 @@
-"""Evaluation: accuracy, cross-entropy and expected calibration error (ECE), DDP-aware.
+"""Evaluation: accuracy, cross-entropy, expected calibration error (ECE) and perplexity, DDP-aware.
 
 >>> evaluate(model, splits.test, num_classes=10)      # doctest: +SKIP
 {'accuracy': ..., 'loss': ..., 'ece': ...}
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from ..data import TensorData
 from . import distributed as D
 
 ECE_BINS = 15
+#: most logits one evaluation forward of token sequences may produce (rows * T * vocabulary)
+SEQUENCE_LOGITS = 2 ** 24
 
 
 def calibration_counts(logits: torch.Tensor, labels: torch.Tensor, num_bins: int = ECE_BINS) -> torch.Tensor:
@@ -57,13 +61,18 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, num_b
 def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, device=None, num_classes: int) -> dict:
     """Accuracy, mean cross-entropy and ECE (15 equal-width bins) of ``model`` on ``data``.
 
+    For token sequences (``data.y`` of shape (N, T), logits (B, T, num_classes)) every token
+    is one prediction: the metrics are per token, ``perplexity`` is ``exp`` of the mean token
+    cross-entropy, and a forward takes at most ``batch_size`` segments and
+    :data:`SEQUENCE_LOGITS` logits.
+
     Runs in eval mode without gradients (the model's mode is restored afterwards) and
     moves the data to ``device`` (default: the model's device) batch by batch. Inside a
     process group of more than one process every rank evaluates the samples
     ``rank, rank + W, ...`` and the sums are all-reduced, so every rank returns the
     metrics of the whole set.
 
-    Returns ``{"accuracy": float, "loss": float, "ece": float}``.
+    Returns ``{"accuracy": float, "loss": float, "ece": float}``, plus ``"perplexity"`` for sequences.
     """
     if not isinstance(data, TensorData):
         raise ValueError(f"data must be a maxup.data.TensorData, got {type(data).__name__}")
@@ -74,6 +83,9 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
     device = torch.device(device)
     x, y = data.x, data.y
+    sequence = y.dim() == 2
+    if sequence:
+        batch_size = max(1, min(batch_size, SEQUENCE_LOGITS // (y.shape[1] * num_classes)))
     if D.is_distributed():
         x, y = x[D.get_rank()::D.get_world_size()], y[D.get_rank()::D.get_world_size()]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -85,9 +97,12 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
             xb = x[start:start + batch_size].to(device, non_blocking=True)
             yb = y[start:start + batch_size].to(device, non_blocking=True)
             logits = module(xb)
+            if sequence and logits.shape == (*yb.shape, num_classes):
+                logits, yb = logits.flatten(0, 1), yb.flatten()
             if logits.ndim != 2 or logits.shape[1] != num_classes:
+                expected = "(batch, T, num_classes)" if sequence else "(batch, num_classes)"
                 raise ValueError(f"the model returned logits of shape {tuple(logits.shape)}; "
-                                 f"expected (batch, num_classes={num_classes})")
+                                 f"expected {expected} with num_classes={num_classes}")
             logits = logits.float()
             totals[0] += F.cross_entropy(logits, yb, reduction="sum").double()
             totals[1] += (logits.argmax(-1) == yb).sum()
@@ -99,8 +114,22 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
     loss_sum, correct, n = (float(v) for v in reduced[:3].tolist())
     counts = reduced[3:].view(3, ECE_BINS)
     if n == 0:
-        return {"accuracy": float("nan"), "loss": float("nan"), "ece": float("nan")}
-    return {"accuracy": correct / n, "loss": loss_sum / n, "ece": ece_from_counts(counts)}
+        out = {"accuracy": float("nan"), "loss": float("nan"), "ece": float("nan")}
+    else:
+        out = {"accuracy": correct / n, "loss": loss_sum / n, "ece": ece_from_counts(counts)}
+    if sequence:
+        out["perplexity"] = perplexity(out["loss"])
+    return out
 
 
-__all__ = ["ECE_BINS", "calibration_counts", "ece_from_counts", "evaluate", "expected_calibration_error"]
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean token cross-entropy in nats (inf past float range, NaN stays NaN).
+
+    >>> round(perplexity(math.log(100.0)), 6)
+    100.0
+    """
+    return math.exp(loss) if not loss > 700 else math.inf
+
+
+__all__ = ["ECE_BINS", "SEQUENCE_LOGITS", "calibration_counts", "ece_from_counts", "evaluate",
+           "expected_calibration_error", "perplexity"]

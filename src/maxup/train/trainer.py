@@ -74,8 +74,9 @@ class Trainer:
     ``(seed, rank)``) supplying all augmentation randomness, and ``scheduler.step()``
     follows each optimizer step. One history record per epoch holds ``epoch``, ``step``
     (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
-    ``train_accuracy``, ``val_*``/``test_*`` (``accuracy``, ``loss``, ``ece``) and the
-    timings ``train_time``, ``time`` and ``samples_per_s``.
+    ``train_accuracy``, ``val_*``/``test_*`` (``accuracy``, ``loss``, ``ece``, and
+    ``perplexity`` for token sequences; see :func:`evaluate`) and the timings
+    ``train_time``, ``time`` and ``samples_per_s``.
 
     With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
     ``config.yaml``, ``checkpoints/epoch-NNNN.pt`` (the last ``keep_checkpoints``, every
@@ -248,11 +249,12 @@ class Trainer:
                 if self.scheduler is not None:
                     self.scheduler.step()
                 logits, targets = result.logits.detach(), result.targets
+                labels = targets.argmax(-1) if targets.is_floating_point() else targets  # (B,) or (B, T) tokens
                 n = x.shape[0]
                 sums[0] += loss.double() * n
                 sums[1] += n
-                sums[2] += (logits.argmax(-1) == targets.argmax(-1)).sum()
-                sums[3] += logits.shape[0]
+                sums[2] += (logits.argmax(-1) == labels).sum()
+                sums[3] += labels.numel()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(sums[2] / sums[3]).item():.3f}", refresh=False)
@@ -413,7 +415,8 @@ class Trainer:
     @staticmethod
     def _summary(record: dict) -> str:
         parts = [f"epoch {record['epoch']}"]
-        for key in ("train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "test_ece"):
+        for key in ("train_loss", "train_accuracy", "val_accuracy", "test_accuracy", "test_ece", "val_perplexity",
+                    "test_perplexity"):
             if key in record and isinstance(record[key], float) and math.isfinite(record[key]):
                 parts.append(f"{key} {record[key]:.4f}")
         parts.append(f"{record['samples_per_s']:.0f} samples/s")
