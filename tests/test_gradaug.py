@@ -359,6 +359,19 @@ def test_kd_weight_zero_is_the_objective_alone():
     assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
 
 
+def test_full_width_subnetworks_under_manifold_mixup_match_the_teacher():
+    """Sub-networks forward under the full network's hidden mixing: at width 1 and the input size their
+    logits equal the teacher's, the distillation loss is 0 and the step is the objective's alone."""
+    x, y = data(n=8)
+    m1, m2 = cnn(), cnn()
+    mix = lambda: ERM(A.ManifoldMixup(layers=("3",), num_classes=3))  # noqa: E731  (after the grouped conv)
+    step = GradAug(mix(), torch.optim.SGD(m1.parameters(), lr=0.1), n_subnets=2, width_range=(1.0, 1.0))
+    step(m1, x, y, torch.Generator().manual_seed(0))
+    Standard(mix(), torch.optim.SGD(m2.parameters(), lr=0.1))(m2, x, y, torch.Generator().manual_seed(0))
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+
+
 def test_accumulation_trains_the_same_subnetworks_on_every_micro_batch():
     x, y = data(n=8)
     m1, m2 = cnn(bn=False), cnn(bn=False)

@@ -6,6 +6,7 @@ A spec joins terms with ``+``; each term is ``name`` or ``name(key=value, ...)``
     cutout(size=8)
     maxup(m=4)+cutmix
     maxup(m=4, temperature=0.5)+cropflip+mixup(alpha=0.2)
+    maxup(m=4)+cropflip+manifold_mixup                         # hidden features mixed: last in a spec
     maxup(m=4)+word_dropout(p=0.1)+embed_noise(sigma=0.1)      # language models (maxup lm)
 
 Augmentation terms apply in the order written; at most one objective term
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from . import augment as A
-from .objectives import ERM, MaxUp
+from .objectives import ERM, MaxUp, hidden_mixer
 from .steps import Standard
 from .steps.gmix import make_bgmix, make_dgmix, make_sam_mixup
 from .steps.gradaug import make_gradaug
@@ -154,6 +155,9 @@ def build_augment(terms: list[Term], num_classes: int, model: torch.nn.Module | 
             augs.append(entry.factory(**t.kwargs, **extra, num_classes=num_classes))
     if not augs:
         return None
+    if any(getattr(a, "reweight", False) for a in augs[:-1]):
+        raise ValueError("soft_augment(reweight=true) must be the last augmentation: it scales each target row by its "
+                         "confidence, and later augmentations expect rows that sum to one")
     return augs[0] if len(augs) == 1 else A.Compose(augs, num_classes=num_classes)
 
 
@@ -176,6 +180,7 @@ def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Opti
     terms = parse(spec)
     objective = build_objective(terms, num_classes, model)
     steps = [t for t in terms if REGISTRY[t.name].kind == "step"]
+    _check_composition(objective, steps)
     term = next((t for t in steps if len(steps) == 1 or t.name not in SAM_TERMS), Term("standard"))
     factory = REGISTRY[term.name].factory if term.name in REGISTRY else Standard
     extra = {k: v for k, v in (("model", model), ("num_classes", num_classes)) if _accepts(factory, k)}
@@ -183,6 +188,21 @@ def build_step(spec: str, *, model: torch.nn.Module, optimizer: torch.optim.Opti
         inner = next(t for t in steps if t is not term)
         extra["sam"] = REGISTRY[inner.name].factory(objective, optimizer, **inner.kwargs)
     return factory(objective, optimizer, **extra, **term.kwargs, **step_options)
+
+
+def _check_composition(objective, steps: list[Term]) -> None:
+    """Refuse the pairs of terms that cannot work together, with the reason. Manifold Mixup runs under
+    SAM/ASAM and GradAug (their extra passes reuse each row's layer, lambda and partner), not under the
+    G-Mix steps, which mix the trained rows again themselves."""
+    augment = getattr(objective, "augment", None)
+    reweights = isinstance(augment, torch.nn.Module) and any(getattr(m, "reweight", False) for m in augment.modules())
+    if reweights and any(t.name == "sam_mixup" for t in steps):
+        raise ValueError("soft_augment(reweight=true) does not compose with sam_mixup, which mixes after it: "
+                         "drop reweight or use sam+mixup")
+    other = [t.name for t in steps if t.name in ("sam_mixup", "bgmix", "dgmix")]
+    if hidden_mixer(augment) is not None and other:
+        raise ValueError(f"manifold_mixup does not compose with {other[0]}, which mixes the trained rows again "
+                         "without the hidden mixing; use it alone, under sam/asam or with gradaug")
 
 
 def canonical(spec: str) -> str:
@@ -212,7 +232,8 @@ def _aug(cls, **defaults):
 
 
 register("erm", "objective", _erm, "plain training on one (augmented) copy of each sample", hidden=("augment",))
-register("maxup", "objective", _maxup, "MaxUp: the worst loss over m augmented copies per sample", hidden=("augment",))
+register("maxup", "objective", _maxup, "MaxUp: the worst loss over m augmented copies per sample (temperature > 0: "
+         "softmax weights over the copies, MMEL-style)", hidden=("augment",))
 for _name, _cls, _defaults, _summary in [
     ("gaussian", A.GaussianNoise, {"sigma": 0.1}, "Gaussian noise N(0, sigma^2) on the inputs"),
     ("cutout", A.Cutout, {}, "Cutout: a box of the image set to zero"),
@@ -222,8 +243,24 @@ for _name, _cls, _defaults, _summary in [
     ("hmix", A.HMix, {"per_sample": True}, "HMix: a CutMix box inside a Mixup blend"),
     ("gmix", A.GMix, {"per_sample": True}, "GMix: another sample blended in through a Gaussian mask"),
     ("resizemix", A.ResizeMix, {"per_sample": True}, "ResizeMix: another sample, shrunk, pasted in"),
+    ("smooth", A.LabelSmoothing, {}, "label smoothing: targets (1 - eps) t + eps / K"),
+    ("soft_augment", A.SoftAugmentation, {}, "Soft Augmentation: an aggressive crop (or occlusion) whose target "
+                                             "confidence falls with the visible fraction"),
+    ("lumix", A.LUMix, {"per_sample": True}, "LUMix: Mixup or CutMix with the label ratio perturbed by U[-u, u] "
+                                             "(this project's rule)"),
 ]:
     register(_name, "augment", _aug(_cls, **_defaults), _summary, hidden=("num_classes",))
+
+
+def _manifold_mixup(alpha: float = 2.0, layers: tuple | None = None, per_sample: bool = True, p: float = 1.0, *,
+                    model=None, num_classes=None):
+    if model is None and layers is None:
+        raise ValueError("manifold_mixup needs the model (its .stages are the default layers) or layers=(...)")
+    return A.ManifoldMixup(alpha, layers=layers, model=model, per_sample=per_sample, num_classes=num_classes, p=p)
+
+
+register("manifold_mixup", "augment", _manifold_mixup, "Manifold Mixup: hidden features mixed at a layer drawn from "
+         "layers (default: the input and every stage); last in a spec", hidden=("num_classes", "model"))
 
 
 def _embed_noise(sigma: float = 0.1, *, model=None, num_classes=None):

@@ -325,9 +325,11 @@ def collate(augment: Augmentation, generator: torch.Generator | None = None):
 
 
 from .text import EmbeddingNoise, TokenAugmentation, TokenSubstitution, WordDropout  # noqa: E402 (subclasses)
+from .manifold import ManifoldMixup  # noqa: E402
+from .soft import LUMix, LabelSmoothing, SoftAugmentation  # noqa: E402
 
 __all__ = [
     "Augmentation", "Compose", "CutMix", "Cutout", "EmbeddingNoise", "GMix", "GaussianNoise", "HMix", "Identity",
     "Mixup", "RandomChoice", "RandomCropFlip", "ResizeMix", "TokenAugmentation", "TokenSubstitution",
-    "WordDropout", "collate",
+    "WordDropout", "collate", "LUMix", "LabelSmoothing", "ManifoldMixup", "SoftAugmentation",
 ]

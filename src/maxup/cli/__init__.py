@@ -32,6 +32,13 @@ def _methods_arg(text: str) -> list[str]:
     return [s for s in out if s]
 
 
+def method_line(entry: M.Entry) -> str:
+    """One line of ``maxup methods``: the term with every option at its default, then what it does."""
+    opts = ", ".join(f"{k}={v!r}" for k, v in entry.options().items())
+    call = f"{entry.name}({opts})" if opts else entry.name
+    return f"{call} -- {entry.summary}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maxup", description="Train networks with MaxUp, the Mixup family and friends; compare methods with seeds.",
@@ -80,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{title}:")
                 for e in M.list_methods():
                     if e.kind == kind:
-                        opts = ", ".join(f"{k}={v!r}" for k, v in e.options().items())
-                        print(f"  {e.name:<12} {e.summary}" + (f"\n  {'':<12} options: {opts}" if opts else ""))
+                        print(f"  {method_line(e)}")
             print("compose with '+', e.g. 'maxup(m=4)+cutout(size=8)'")
             return 0
         if args.command == "train":

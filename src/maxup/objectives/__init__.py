@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_positive
-from ..augment import Augmentation, Identity
+from ..augment import Augmentation, Compose, Identity, ManifoldMixup
 from ..functional import soft_cross_entropy, soft_targets
+from ..functional.manifold import HiddenMix, mix_hidden
 
 
 @dataclass
@@ -25,6 +26,7 @@ class ObjectiveResult:
     ``loss`` is the scalar to backpropagate and equals ``(weights * row_losses).sum()``
     over the rows of ``inputs``; ``losses`` holds one training loss per original sample;
     ``logits``, ``inputs`` and ``targets`` are row-aligned (the chosen copies for MaxUp).
+    ``mixing`` is the hidden-feature mixing the rows were forwarded with (Manifold Mixup), or None.
     """
 
     loss: torch.Tensor
@@ -33,6 +35,7 @@ class ObjectiveResult:
     inputs: torch.Tensor
     targets: torch.Tensor
     weights: torch.Tensor
+    mixing: HiddenMix | None = None
 
 
 class Objective:
@@ -43,14 +46,16 @@ class Objective:
 
     @staticmethod
     def reevaluate(model: nn.Module, result: ObjectiveResult) -> ObjectiveResult:
-        """The same loss on the same rows, at the model's current weights (rows of weight 0 skipped)."""
+        """The same loss on the same rows, at the model's current weights (rows of weight 0 skipped,
+        except under hidden mixing, where they may be partners), with the same hidden mixing."""
         keep = result.weights > 0
         inputs, targets, weights = result.inputs, result.targets, result.weights
-        if not bool(keep.all()):
+        if result.mixing is None and not bool(keep.all()):
             inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
-        logits = model(inputs)
+        with mix_hidden(model, result.mixing):
+            logits = model(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none")
-        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights)
+        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights, result.mixing)
 
     def state_dict(self) -> dict:
         return {}
@@ -59,13 +64,41 @@ class Objective:
         pass
 
 
-def _plain(model, inputs, targets) -> ObjectiveResult:
-    logits = model(inputs)
+def _plain(model, inputs, targets, mixing: HiddenMix | None = None) -> ObjectiveResult:
+    with mix_hidden(model, mixing):
+        logits = model(inputs)
     if not targets.is_floating_point() and targets.dim() == 1:  # class labels; token ids (B, T) stay ids
         targets = soft_targets(targets, logits.shape[-1])
     losses = soft_cross_entropy(logits, targets, reduction="none")
     weights = torch.full_like(losses, 1.0 / losses.shape[0]).detach()
-    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights)
+    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights, mixing)
+
+
+def hidden_mixer(augment) -> ManifoldMixup | None:
+    """The :class:`~maxup.augment.ManifoldMixup` inside ``augment`` (None if there is none), checked to
+    come last: it mixes inside the network, after every input augmentation."""
+    if not isinstance(augment, torch.nn.Module):
+        return None
+    found = [m for m in augment.modules() if isinstance(m, ManifoldMixup)]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError("a method may hold one manifold_mixup term only")
+    if isinstance(augment, Compose) and found[0] not in list(augment.augmentations[-1].modules()):
+        raise ValueError("manifold_mixup must be the last augmentation (it mixes hidden features, after the "
+                         "inputs are augmented): write e.g. 'maxup(m=4)+cropflip+manifold_mixup'")
+    return found[0]
+
+
+def _augment(augment, x, y, generator) -> tuple[torch.Tensor, torch.Tensor, HiddenMix | None]:
+    """One augmented copy, and its hidden mixing (None without Manifold Mixup; no mixing when it was not drawn)."""
+    mixer = hidden_mixer(augment)
+    if mixer is not None:
+        mixer.plan = None
+    x, y = augment(x, y, generator)
+    if mixer is None:
+        return x, y, None
+    return x, y, mixer.plan if mixer.plan is not None else HiddenMix.identity(mixer.layers, x.shape[0], x.device)
 
 
 class ERM(Objective):
@@ -81,9 +114,9 @@ class ERM(Objective):
         self.augment = augment
 
     def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
-        if self.augment is not None:
-            x, y = self.augment(x, y, generator)
-        return _plain(model, x, y)
+        if self.augment is None:
+            return _plain(model, x, y)
+        return _plain(model, *_augment(self.augment, x, y, generator))
 
     def __repr__(self) -> str:
         return f"ERM({self.augment!r})" if self.augment is not None else "ERM()"
@@ -99,6 +132,10 @@ def frozen_buffers(model: nn.Module):
         with torch.no_grad():
             for b, s in zip(model.buffers(), saved):
                 b.copy_(s)
+
+
+_SELECT_HIDDEN = ("mode='select' forwards each sample's worst copy alone, but manifold_mixup mixes a copy's hidden "
+                  "features with partners from the same copy: use mode='direct' (the default with manifold_mixup)")
 
 
 class MaxUp(Objective):
@@ -119,7 +156,10 @@ class MaxUp(Objective):
         mode: ``"select"`` (default for temperature 0) picks the worst copy in a no-grad
             pass that leaves BatchNorm statistics untouched, then forwards and backwards
             only the chosen copies; ``"direct"`` backpropagates through all copies. They
-            give the same gradient on models without batch statistics or dropout.
+            give the same gradient on models without batch statistics or dropout. With
+            Manifold Mixup (:class:`~maxup.augment.ManifoldMixup`) only ``"direct"`` works
+            (and is the default): the m copies run as one batch, each mixed at its own layer
+            with partners from the same copy, so a copy cannot be forwarded without its partners.
         select_batch_size: most rows the selection pass forwards at once (bounds its
             memory); default: the batch size, one copy per forward, which measured fastest
             on CPU (see docs/BENCHMARKS.md) and matches the training forward's batch statistics.
@@ -139,12 +179,15 @@ class MaxUp(Objective):
         self.temperature = check_positive("temperature", temperature, allow_zero=True)
         self.include_clean = bool(include_clean)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        hidden = hidden_mixer(augment) is not None
         if mode is None:
-            mode = "select" if self.temperature == 0 else "direct"
+            mode = "select" if self.temperature == 0 and not hidden else "direct"
         if mode not in ("select", "direct"):
             raise ValueError(f"mode must be 'select' or 'direct', got {mode!r}")
         if mode == "select" and self.temperature != 0:
             raise ValueError("mode='select' needs temperature=0 (a soft max weights every copy); use mode='direct'")
+        if mode == "select" and hidden:
+            raise ValueError(_SELECT_HIDDEN)
         self.mode = mode
         self.select_batch_size = None if select_batch_size is None else check_int("select_batch_size", select_batch_size)
         self.num_steps = 0
@@ -152,33 +195,43 @@ class MaxUp(Objective):
     def candidates(self, x, y, generator=None, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (k, B, ...) inputs and (k, B, C) targets ((k, B, T) token ids for sequences) of every
         candidate copy, copy-major."""
-        copies = [self.augment(x, y, generator) for _ in range(self.m if m is None else m)]
+        xs, ts, _ = self._draw(x, y, generator, m)
+        return xs, ts
+
+    def _draw(self, x, y, generator, m):
+        """:meth:`candidates` and the hidden mixing of all copies stacked (None without Manifold Mixup)."""
+        copies = [_augment(self.augment, x, y, generator) for _ in range(self.m if m is None else m)]
         if self.include_clean:
-            t = copies[0][1]
+            t, plan = copies[0][1], copies[0][2]
             if copies[0][0].shape != x.shape:
                 raise ValueError(f"include_clean needs copies shaped like the inputs, but {self.augment!r} turns "
                                  f"{tuple(x.shape)} into {tuple(copies[0][0].shape)}: drop include_clean")
-            copies.append((x, soft_targets(y, t.shape[-1]).to(x.device) if t.is_floating_point() else y))
-        return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies])
+            copies.append((x, soft_targets(y, t.shape[-1]).to(x.device) if t.is_floating_point() else y,
+                           None if plan is None else HiddenMix.identity(plan.points, x.shape[0], x.device)))
+        plan = None if copies[0][2] is None else HiddenMix.stack([c[2] for c in copies])
+        return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies]), plan
 
     def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
         m = 1 if self.num_steps < self.warmup_steps else self.m
         self.num_steps += 1
-        xs, ts = self.candidates(x, y, generator, m)
+        xs, ts, plan = self._draw(x, y, generator, m)
         k, b = ts.shape[:2]
         if k == 1:
-            return _plain(model, xs[0], ts[0])
+            return _plain(model, xs[0], ts[0], plan)
+        if plan is not None and self.mode == "select":
+            raise ValueError(_SELECT_HIDDEN)
         if self.mode == "select":
             scores = self._scores(model, xs, ts)
             pick = scores.argmax(0)
             rows = torch.arange(b, device=pick.device)
             return _plain(model, xs[pick, rows], ts[pick, rows])
         inputs, targets = xs.flatten(0, 1), ts.flatten(0, 1)
-        logits = model(inputs)
+        with mix_hidden(model, plan):
+            logits = model(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none").view(k, b)
         weights = self._weights(rows.detach())
         losses = (weights * rows).sum(0)
-        return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, (weights / b).flatten())
+        return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, (weights / b).flatten(), plan)
 
     def _weights(self, rows: torch.Tensor) -> torch.Tensor:
         """(k, B) weights over each sample's copies, summing to one per sample."""
@@ -209,4 +262,4 @@ class MaxUp(Objective):
                 f"include_clean={self.include_clean}, warmup_steps={self.warmup_steps}, mode={self.mode!r})")
 
 
-__all__ = ["ERM", "MaxUp", "Objective", "ObjectiveResult", "frozen_buffers"]
+__all__ = ["ERM", "MaxUp", "Objective", "ObjectiveResult", "frozen_buffers", "hidden_mixer"]

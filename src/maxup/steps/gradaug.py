@@ -45,6 +45,7 @@ from torch import nn
 
 from .._checks import check_int, check_int_tuple, check_positive
 from ..functional import _random as R
+from ..functional.manifold import mix_hidden
 from ..objectives import Objective, ObjectiveResult
 from ..slim import is_slimmable, set_width, slimmable
 from .sam import SAM, _scaled, _sync, _unwrap
@@ -225,12 +226,13 @@ class GradAug(SAM):
         """Forward and backward of every sub-network on ``result``'s rows, distilled towards its logits."""
         inputs, teacher, weights = result.inputs, result.logits.detach(), result.weights.detach()
         keep = weights > 0
-        if not bool(keep.all()):
+        if result.mixing is None and not bool(keep.all()):  # under hidden mixing the rows may be partners: keep all
             inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
         net = _unwrap(model)
         last = len(self.last_subnets) - 1
         for i, (width, resolution) in enumerate(self.last_subnets):
-            with _sync(model, sync and i == last), set_width(net, width), _batch_statistics(net):
+            with _sync(model, sync and i == last), set_width(net, width), _batch_statistics(net), \
+                    mix_hidden(net, result.mixing):
                 with self.autocast(inputs):
                     logits = model(resize(inputs, resolution))
                 if logits.shape != teacher.shape:

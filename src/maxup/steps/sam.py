@@ -28,6 +28,7 @@ the second pass, as in the SAM paper's code.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -56,8 +57,7 @@ def _scaled(result: ObjectiveResult, frac: float) -> ObjectiveResult:
     """A micro-batch's result weighted by its share of the batch (so the losses sum to the batch mean)."""
     if frac == 1.0:
         return result
-    return ObjectiveResult(result.loss * frac, result.losses, result.logits, result.inputs, result.targets,
-                           result.weights * frac)
+    return dataclasses.replace(result, loss=result.loss * frac, weights=result.weights * frac)
 
 
 def _merge(results: list[ObjectiveResult]) -> ObjectiveResult:
