@@ -15,7 +15,7 @@ import sys
 from .. import methods as M
 from . import certify as C
 from . import lm as L
-from .run import DEFAULT_METHODS, IMAGE_DEFAULTS, TASK_DEFAULT, add_run_options, compare, train
+from .run import DEFAULT_METHODS, IMAGE_DEFAULTS, TASK_DEFAULT, add_run_dir_options, add_run_options, compare, train
 
 
 def _methods_arg(text: str) -> list[str]:
@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one method; writes metrics, config and checkpoints into --out.")
     add_run_options(p)
     p.add_argument("--method", default="erm", help="method spec, e.g. 'maxup(m=4)+cutout(size=8)' (default: erm)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default=None, help="run directory for metrics, config.yaml and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_run_dir_options(p)
 
     p = sub.add_parser("compare", help="train several methods with several seeds under the same budget",
                        description="Train each method with each seed under the same budget; print a table and write "

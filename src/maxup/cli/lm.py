@@ -24,7 +24,8 @@ from .. import methods as M
 from ..data.text import build_kjv_corpus, kjv_corpus, load_corpus, read_corpus
 from ..models import LSTMLanguageModel
 from ..train import fit
-from .run import _is_main, _key_value, _refuse_overwrite, _slug, add_optim_options, fill_task_defaults, summarize
+from .run import (_is_main, _key_value, _refuse_overwrite, _slug, add_optim_options, add_run_dir_options,
+                  fill_task_defaults, plot, summarize)
 
 #: the optimisation defaults of language modelling (the image ones are in run.IMAGE_DEFAULTS)
 LM_DEFAULTS = {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.01,
@@ -63,9 +64,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--method", default="erm",
                    help="method spec, e.g. 'maxup(m=4)+embed_noise(sigma=0.1)' (default: erm); perturbations: "
                         "embed_noise(sigma), word_dropout(p), token_sub(p)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--out", default=None, help="run directory for metrics, config.yaml and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    add_run_dir_options(p)
 
     p = sub.add_parser("lm-corpus", help="write the King James Bible as a language-modelling corpus",
                        description="Write the King James Bible (the `bible` program of the Debian packages "
@@ -180,35 +179,6 @@ def table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(range(len(rows)), [r["test_perplexity"] for r in rows], yerr=[r["test_perplexity_std"] for r in rows],
-            capsize=4, color="tab:blue", alpha=0.8)
-    ax1.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
-    lo = min(r["test_perplexity"] - 2 * r["test_perplexity_std"] for r in rows)
-    ax1.set_ylim(max(0.0, 0.95 * lo), None)
-    ax1.set_ylabel("final test perplexity, mean ± sd over seeds")
-    for method, runs in results.items():
-        curves = torch.tensor([[float(e["val_perplexity"]) for e in h] for h in runs], dtype=torch.float64)
-        mean = curves.mean(0)
-        sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
-        epochs = range(1, len(mean) + 1)
-        ax2.plot(epochs, mean, label=method)
-        ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("valid perplexity")
-    ax2.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def compare_lm(args) -> list[dict]:
     """``maxup compare --task lm``: every method with every seed on one corpus, under the same budget."""
     fill_task_defaults(args, LM_DEFAULTS)
@@ -243,6 +213,7 @@ def compare_lm(args) -> list[dict]:
     (out / "results.md").write_text(f"# maxup compare --task lm\n\n{budget}\n\n{text}\n\n"
                                     f"wall time {time.perf_counter() - start:.0f} s\n")
     (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
-    plot(results, rows, out / "results.png", budget)
+    plot(results, rows, out / "results.png", budget, key="test_perplexity", curve_key="val_perplexity", scale=1.0,
+         label="test perplexity", curve_label="valid perplexity")
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return rows

@@ -66,6 +66,13 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     add_optim_options(p)
 
 
+def add_run_dir_options(p: argparse.ArgumentParser) -> None:
+    """The options of one run (``maxup train``, ``maxup lm``): seed, run directory, resume."""
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", default=None, help="run directory for metrics, config.yaml and checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+
+
 def add_optim_options(p: argparse.ArgumentParser) -> None:
     """The optimisation options shared by image training and language modelling (``maxup lm``)."""
     g = p.add_argument_group("optimisation")
@@ -206,29 +213,31 @@ def table(rows: list[dict], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, title: str) -> None:
+def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, title: str, *,
+         key: str = "test_accuracy", curve_key: str = "test_accuracy", scale: float = 100.0,
+         label: str = "test accuracy (%)", curve_label: str = "test accuracy (%)") -> None:
+    """Bars of the final ``key`` (mean ± sd over seeds, times ``scale``) and the per-epoch curves of ``curve_key``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names = [r["method"] for r in rows]
-    ax1.bar(range(len(rows)), [100 * r["test_accuracy"] for r in rows], yerr=[100 * r["test_accuracy_std"] for r in rows],
+    ax1.bar(range(len(rows)), [scale * r[key] for r in rows], yerr=[scale * r[key + "_std"] for r in rows],
             capsize=4, color="tab:blue", alpha=0.8)
-    ax1.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
-    lo = min(100 * (r["test_accuracy"] - 2 * r["test_accuracy_std"]) for r in rows)
-    ax1.set_ylim(max(0.0, lo - 1.0), 100.0 if lo > 90 else None)
-    ax1.set_ylabel("final test accuracy (%), mean ± sd over seeds")
+    ax1.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
+    lo = min(scale * (r[key] - 2 * r[key + "_std"]) for r in rows)
+    ax1.set_ylim(max(0.0, 0.95 * lo), None)
+    ax1.set_ylabel(f"final {label}, mean ± sd over seeds")
     for method, runs in results.items():
-        curves = torch.tensor([[100 * float(e["test_accuracy"]) for e in h] for h in runs], dtype=torch.float64)
+        curves = torch.tensor([[scale * float(e[curve_key]) for e in h] for h in runs], dtype=torch.float64)
         mean = curves.mean(0)
         sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
         epochs = range(1, len(mean) + 1)
         ax2.plot(epochs, mean, label=method)
         ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("test accuracy (%)")
+    ax2.set_ylabel(curve_label)
     ax2.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
