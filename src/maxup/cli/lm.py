@@ -25,7 +25,7 @@ from ..data.text import build_kjv_corpus, kjv_corpus, load_corpus, read_corpus
 from ..models import LSTMLanguageModel
 from ..train import fit
 from .run import (_is_main, _key_value, _refuse_overwrite, _slug, add_optim_options, add_run_dir_options,
-                  fill_task_defaults, plot, summarize)
+                  fill_task_defaults, plot, summarize, table)
 
 #: the optimisation defaults of language modelling (the image ones are in run.IMAGE_DEFAULTS)
 LM_DEFAULTS = {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.01,
@@ -168,15 +168,9 @@ def lm_corpus(args) -> Path:
 # ------------------------------------------------------------------------------------------ compare
 
 
-def table(rows: list[dict], baseline: str) -> str:
-    lines = [f"| method | test perplexity | valid perplexity | test accuracy (%) | time/epoch vs {baseline} |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['test_perplexity']:.2f} ± {r['test_perplexity_std']:.2f} "
-                     f"| {r['val_perplexity']:.2f} ± {r['val_perplexity_std']:.2f} "
-                     f"| {100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
-                     f"| {r['time_ratio']:.2f}x |")
-    return "\n".join(lines)
+#: the columns of the language-model comparison table (see :func:`maxup.cli.run.table`)
+LM_COLUMNS = (("test perplexity", "test_perplexity", 1.0, 2), ("valid perplexity", "val_perplexity", 1.0, 2),
+              ("test accuracy (%)", "test_accuracy", 100.0, 2))
 
 
 def compare_lm(args) -> list[dict]:
@@ -204,7 +198,7 @@ def compare_lm(args) -> list[dict]:
     rows = summarize(results, baseline, keys=SUMMARY_KEYS)
     if not _is_main():
         return rows
-    text = table(rows, baseline)
+    text = table(rows, baseline, LM_COLUMNS)
     budget = (f"{splits.name} (vocabulary {splits.num_classes}, {len(splits.train)} training segments of {args.bptt} "
               f"tokens), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, batch {args.batch_size}, "
               f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")

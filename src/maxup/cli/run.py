@@ -203,13 +203,18 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
     return rows
 
 
-def table(rows: list[dict], baseline: str) -> str:
-    lines = [f"| method | test accuracy (%) | test loss | ECE (%) | time/epoch vs {baseline} |",
-             "|---|---|---|---|---|"]
+#: the columns of the comparison table: (header, metric key, scale, decimals)
+IMAGE_COLUMNS = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
+                 ("ECE (%)", "test_ece", 100.0, 2))
+
+
+def table(rows: list[dict], baseline: str, columns=IMAGE_COLUMNS) -> str:
+    """A markdown table: mean ± sd over seeds of each column's metric, and the time per epoch over the baseline's."""
+    lines = [f"| method | {' | '.join(c[0] for c in columns)} | time/epoch vs {baseline} |",
+             "|---|" + "---|" * (len(columns) + 1)]
     for r in rows:
-        lines.append(f"| {r['method']} | {100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} "
-                     f"| {r['test_loss']:.4f} ± {r['test_loss_std']:.4f} | {100 * r['test_ece']:.2f} ± "
-                     f"{100 * r['test_ece_std']:.2f} | {r['time_ratio']:.2f}x |")
+        cells = " | ".join(f"{scale * r[key]:.{d}f} ± {scale * r[key + '_std']:.{d}f}" for _, key, scale, d in columns)
+        lines.append(f"| {r['method']} | {cells} | {r['time_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
