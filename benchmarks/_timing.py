@@ -58,6 +58,12 @@ def machine_line(info: Mapping | None = None) -> str:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
+def add_clock_option(parser) -> None:
+    """``--clock wall|cpu`` on a benchmark's argument parser."""
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+
+
 def interleaved(cases: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 2,
                 inner: int = 1, clock: str = "wall") -> dict[str, list[float]]:
     """Seconds per call of every case, one sample per case per round, cases interleaved.

@@ -71,8 +71,7 @@ def parse(argv=None):
     p.add_argument("--inner", type=int, default=None, help="calls per timed sample (default 20; --quick: 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
     p.add_argument("--no-kornia", action="store_true", help="skip kornia even when it is installed")
-    p.add_argument("--clock", choices=sorted(T.CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+    T.add_clock_option(p)
     p.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
     p.add_argument("--json", default=None, help="write the numbers (and raw samples) here")
     a = p.parse_args(argv)

@@ -58,8 +58,7 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
-    p.add_argument("--clock", choices=sorted(T.CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+    T.add_clock_option(p)
     p.add_argument("--quick", action="store_true", help="n = 1000, batch 500, two rounds: a smoke run")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)

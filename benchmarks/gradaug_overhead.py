@@ -59,8 +59,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9; --quick: 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
-    p.add_argument("--clock", choices=sorted(T.CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+    T.add_clock_option(p)
     p.add_argument("--cases", default=None, help=f"comma-separated subset of {', '.join(CASES)} (erm always runs)")
     p.add_argument("--quick", action="store_true", help="ResNet-8, batch 16, one thread, few repeats: a smoke run")
     p.add_argument("--json", default=None, help="also write every number (and the raw per-round times) here")

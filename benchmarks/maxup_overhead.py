@@ -49,8 +49,7 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last memory format")
     p.add_argument("--breakdown", action="store_true", help="also time the parts of one select step")
-    p.add_argument("--clock", choices=sorted(T.CLOCKS), default="wall",
-                   help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+    T.add_clock_option(p)
     p.add_argument("--quick", action="store_true", help="few small repeats, for a smoke test")
     p.add_argument("--json", default=None, help="write every number (and the raw per-round times) here")
     a = p.parse_args(argv)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,8 @@ from .. import methods as M
 from ..data.text import build_kjv_corpus, kjv_corpus, load_corpus, read_corpus
 from ..models import LSTMLanguageModel
 from ..train import fit
-from .run import (_is_main, _key_value, _refuse_overwrite, _slug, add_optim_options, add_run_dir_options,
-                  fill_task_defaults, plot, summarize, table)
+from .run import (_is_main, _key_value, _slug, add_optim_options, add_run_dir_options, check_run_dir,
+                  comparison_specs, fill_task_defaults, report)
 
 #: the optimisation defaults of language modelling (the image ones are in run.IMAGE_DEFAULTS)
 LM_DEFAULTS = {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.01,
@@ -139,9 +138,7 @@ def run_lm(config: dict, *, out_dir=None, resume: bool = False, progress=None, s
 def lm(args) -> list[dict]:
     """``maxup lm``: one method, one seed."""
     config = lm_config(args, args.method, args.seed)
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
-    _refuse_overwrite(args.out, args.resume, "a training run")
+    check_run_dir(args)
     history = run_lm(config, out_dir=args.out, resume=args.resume, progress=args.progress)
     if _is_main() and history:
         for r in history:
@@ -176,13 +173,8 @@ LM_COLUMNS = (("test perplexity", "test_perplexity", 1.0, 2), ("valid perplexity
 def compare_lm(args) -> list[dict]:
     """``maxup compare --task lm``: every method with every seed on one corpus, under the same budget."""
     fill_task_defaults(args, LM_DEFAULTS)
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    specs = [lm_method(s) for s in (args.methods or DEFAULT_LM_METHODS)]  # fail fast on a bad spec
-    if len(set(specs)) != len(specs):
-        raise ValueError(f"--methods lists a method twice: {specs}")
+    specs = comparison_specs(args, args.methods or DEFAULT_LM_METHODS, lm_method)
     out = Path(args.out)
-    _refuse_overwrite(out, args.resume, "a comparison")
     splits = load_corpus(corpus_folder(args.corpus), bptt=args.bptt, train_tokens=args.train_tokens)
     results: dict[str, list[list[dict]]] = {s: [] for s in specs}
     start = time.perf_counter()
@@ -194,20 +186,9 @@ def compare_lm(args) -> list[dict]:
             if _is_main():
                 print(f"{spec} seed {seed}: test perplexity {history[-1]['test_perplexity']:.2f}", file=sys.stderr,
                       flush=True)
-    baseline = "erm" if "erm" in specs else specs[0]
-    rows = summarize(results, baseline, keys=SUMMARY_KEYS)
-    if not _is_main():
-        return rows
-    text = table(rows, baseline, LM_COLUMNS)
     budget = (f"{splits.name} (vocabulary {splits.num_classes}, {len(splits.train)} training segments of {args.bptt} "
               f"tokens), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, batch {args.batch_size}, "
               f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
-    print(f"\n{budget}\n\n{text}\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"# maxup compare --task lm\n\n{budget}\n\n{text}\n\n"
-                                    f"wall time {time.perf_counter() - start:.0f} s\n")
-    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
-    plot(results, rows, out / "results.png", budget, key="test_perplexity", curve_key="val_perplexity", scale=1.0,
-         label="test perplexity", curve_label="valid perplexity")
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
-    return rows
+    return report(results, out, budget, start, title="maxup compare --task lm", keys=SUMMARY_KEYS, columns=LM_COLUMNS,
+                  key="test_perplexity", curve_key="val_perplexity", scale=1.0, label="test perplexity",
+                  curve_label="valid perplexity")

@@ -28,6 +28,11 @@ IMAGE_DEFAULTS = {"epochs": 15, "batch_size": 128, "optimizer": "sgd", "lr": 0.0
                   "max_grad_norm": None}
 
 
+#: the columns of the comparison table: (header, metric key, scale, decimals)
+IMAGE_COLUMNS = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
+                 ("ECE (%)", "test_ece", 100.0, 2))
+
+
 class _TaskDefault:
     def __repr__(self) -> str:
         return "by task"
@@ -139,11 +144,48 @@ def _refuse_overwrite(out, resume: bool, what: str) -> None:
                          "or choose another --out")
 
 
-def train(args) -> list[dict]:
-    config = _config(args, args.method, args.seed)
+def check_run_dir(args) -> None:
+    """``--resume`` needs ``--out``; an existing run in ``--out`` needs ``--resume`` (``maxup train``, ``maxup lm``)."""
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
     _refuse_overwrite(args.out, args.resume, "a training run")
+
+
+def comparison_specs(args, specs: list[str], normalise) -> list[str]:
+    """The methods of ``maxup compare``, each through ``normalise`` (errors before any training), checked
+    for repeats, with the seeds; refuses an ``--out`` that holds a comparison unless ``--resume``."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    specs = [normalise(s) for s in specs]
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"--methods lists a method twice: {specs}")
+    _refuse_overwrite(Path(args.out), args.resume, "a comparison")
+    return specs
+
+
+def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: float, *, title: str = "maxup compare",
+           keys: tuple[str, ...] = ("test_accuracy", "test_loss", "test_ece"), columns=IMAGE_COLUMNS,
+           **plot_options) -> list[dict]:
+    """Summarise a comparison (baseline: erm when present, else the first method); on the main process print
+    the table and write results.md, results.json and results.png into ``out``."""
+    specs = list(results)
+    baseline = "erm" if "erm" in specs else specs[0]
+    rows = summarize(results, baseline, keys=keys)
+    if not _is_main():
+        return rows
+    text = table(rows, baseline, columns)
+    print(f"\n{budget}\n\n{text}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(f"# {title}\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
+    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
+    plot(results, rows, out / "results.png", budget, **plot_options)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
+    return rows
+
+
+def train(args) -> list[dict]:
+    config = _config(args, args.method, args.seed)
+    check_run_dir(args)
     history = run(config, out_dir=args.out, resume=args.resume, progress=args.progress)
     if _is_main() and history:
         last = history[-1]
@@ -203,11 +245,6 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
     return rows
 
 
-#: the columns of the comparison table: (header, metric key, scale, decimals)
-IMAGE_COLUMNS = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
-                 ("ECE (%)", "test_ece", 100.0, 2))
-
-
 def table(rows: list[dict], baseline: str, columns=IMAGE_COLUMNS) -> str:
     """A markdown table: mean ± sd over seeds of each column's metric, and the time per epoch over the baseline's."""
     lines = [f"| method | {' | '.join(c[0] for c in columns)} | time/epoch vs {baseline} |",
@@ -258,14 +295,8 @@ def compare(args) -> list[dict]:
 
         return compare_lm(args)
     fill_task_defaults(args, IMAGE_DEFAULTS)
-    specs = args.methods or DEFAULT_METHODS
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    specs = [M.canonical(s) for s in specs]  # fail fast on a bad spec, before any training
-    if len(set(specs)) != len(specs):
-        raise ValueError(f"--methods lists a method twice: {specs}")
+    specs = comparison_specs(args, args.methods or DEFAULT_METHODS, M.canonical)
     out = Path(args.out)
-    _refuse_overwrite(out, args.resume, "a comparison")
     results: dict[str, list[list[dict]]] = {s: [] for s in specs}
     runs = [(seed, spec) for seed in range(args.seeds) for spec in specs]  # seeds outer: drift hits every method alike
     show = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -290,18 +321,7 @@ def compare(args) -> list[dict]:
                 print(msg, file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
-    baseline = "erm" if "erm" in specs else specs[0]
-    rows = summarize(results, baseline)
-    if not _is_main():
-        return rows
-    text = table(rows, baseline)
     budget = (f"{args.dataset}" + (f" (train subset {args.train_size})" if args.train_size else "")
               + f", model {args.model}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
               f"seeds 0..{args.seeds - 1}")
-    print(f"\n{budget}\n\n{text}\n")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(f"# maxup compare\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
-    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
-    plot(results, rows, out / "results.png", budget)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
-    return rows
+    return report(results, out, budget, start)
