@@ -205,7 +205,7 @@ def test_token_augmentations_reject_bad_inputs():
     with pytest.raises(ValueError, match="unk_index=12"):
         A.WordDropout(0.1, unk_index=12, num_classes=10)
     with pytest.raises(ValueError, match="put embed_noise last"):
-        A.Compose([A.EmbeddingNoise(0.1, dim=4), A.WordDropout(0.1)])(ids, ids)
+        A.Compose([A.EmbeddingNoise(0.1, dim=4), A.WordDropout(0.1)])  # refused when composed, not at the first batch
     with pytest.raises(ValueError, match="cannot be combined"):
         A.Compose([A.WordDropout(0.1), A.Cutout(2)])
     for p in (-0.1, 1.5):
@@ -362,7 +362,7 @@ def test_lm_corpus_command_and_kjv_on_first_use(tmp_path, monkeypatch, capsys):
     (["lm", "--corpus", "/nonexistent/corpus"], "does not exist"),
     (["lm", "--bptt", "0"], "bptt must be an integer >= 1"),
     (["lm", "--method", "maxup+cutout"], "cutout works on images"),
-    (["lm", "--method", "maxup(m=4)"], "MaxUp needs a perturbation"),
+    (["lm", "--method", "maxup(m=4)"], "MaxUp needs a random augmentation"),
     (["lm", "--method", "gradaug+word_dropout"], "gradaug is not available for language models"),
     (["compare", "--task", "lm", "--methods", "erm,mixup"], "mixup works on images"),
     (["lm", "--model-opt", "width=3"], "unknown model option(s) 'width'"),

@@ -43,7 +43,9 @@ COMPOSITIONS = [
 def spec_for(entry: M.Entry) -> str:
     if entry.name in SPECS:
         return SPECS[entry.name]
-    return f"maxup(m=2)+{entry.name}" if entry.kind == "augment" else entry.name
+    if entry.kind == "augment" and entry.name not in M.DETERMINISTIC:
+        return f"maxup(m=2)+{entry.name}"
+    return entry.name
 
 
 IMAGE_SPECS = [spec_for(e) for e in M.list_methods() if e.name not in LM_AUGMENTS] + COMPOSITIONS

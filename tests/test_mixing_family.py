@@ -151,6 +151,13 @@ def test_manifold_mixup_needs_layers_without_stages():
             pass
 
 
+
+def test_manifold_mixup_is_refused_by_the_data_loader_collate():
+    """A loader cannot mix inside the model: it would return unmixed inputs with mixed targets."""
+    aug = A.Compose([A.Cutout(2, num_classes=3), A.ManifoldMixup(layers=["input"], num_classes=3)])
+    with pytest.raises(ValueError, match="collate cannot apply ManifoldMixup"):
+        A.collate(aug)
+
 # ------------------------------------------------------------------------------------------ Soft Augmentation
 
 
@@ -266,6 +273,11 @@ def test_label_smoothing_spec():
     assert torch.equal(xa, x) and torch.allclose(ta, 0.8 * F.one_hot(y, 5).float() + 0.04)
     with pytest.raises(ValueError, match="eps"):
         M.build_augment(M.parse("smooth(eps=2)"), 5)
+    for spec in ("maxup(m=4)", "maxup(m=4)+smooth", "sam+maxup(m=2)+smooth(eps=0.2)"):
+        with pytest.raises(ValueError, match="MaxUp needs a random augmentation"):
+            M.parse(spec)
+    M.parse("maxup(m=4)+cutout+smooth")
+    M.parse("maxup(m=4)+sam_mixup")  # the step mixes each copy itself
 
 
 def test_maxup_soft_weighting_spec_is_mmel():
@@ -276,7 +288,7 @@ def test_maxup_soft_weighting_spec_is_mmel():
     rows = MF.soft_cross_entropy(result.logits, result.targets, reduction="none").view(4, 6)
     assert torch.allclose(result.weights.view(4, 6) * 6, torch.softmax(rows / 0.5, 0), atol=1e-6)
     assert torch.allclose(result.losses, (torch.softmax(rows / 0.5, 0) * rows).sum(0), atol=1e-6)
-    assert M.canonical("MAXUP(m=4, temperature=0.5)+smooth") == "maxup(m=4, temperature=0.5)+smooth"
+    assert M.canonical("MAXUP(m=4, temperature=0.5)+Cutout+smooth") == "maxup(m=4, temperature=0.5)+cutout+smooth"
     assert isinstance(M.build_objective("smooth+mixup", 3), ERM)
 
 

@@ -34,6 +34,8 @@ from .steps.sam import make_asam, make_sam
 
 KINDS = ("augment", "objective", "step")
 SAM_TERMS = ("sam", "asam")  # step terms that may join a step whose factory takes ``sam=`` (the SAM step built)
+DETERMINISTIC = ("smooth",)  # augment terms without randomness: MaxUp over them alone draws identical copies
+MIXING_STEPS = ("sam_mixup", "bgmix", "dgmix")  # steps that mix the objective's rows themselves (Mixup after the spec)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,12 @@ def parse(spec: str) -> list[Term]:
                 raise ValueError(f"unknown argument {key!r} for method {name!r}; valid arguments: "
                                  + (", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"))
         terms.append(Term(name, kwargs))
+    if any(t.name == "maxup" for t in terms) and all(t.name in DETERMINISTIC or REGISTRY[t.name].kind == "objective"
+                                                     or REGISTRY[t.name].kind == "step" and t.name not in MIXING_STEPS
+                                                     for t in terms):
+        raise ValueError(f"method spec {spec!r}: MaxUp needs a random augmentation to draw its m copies from, e.g. "
+                         "'maxup(m=4)+cutout' ('maxup(m=4)+embed_noise(sigma=0.1)' for language models); without one "
+                         f"the copies are identical ({', '.join(DETERMINISTIC)} only changes the targets)")
     for kind in ("objective", "step"):
         found = [t.name for t in terms if REGISTRY[t.name].kind == kind]
         if kind == "step" and len(found) == 2 and _sam_pair(found):
@@ -199,7 +207,7 @@ def _check_composition(objective, steps: list[Term]) -> None:
     if reweights and any(t.name == "sam_mixup" for t in steps):
         raise ValueError("soft_augment(reweight=true) does not compose with sam_mixup, which mixes after it: "
                          "drop reweight or use sam+mixup")
-    other = [t.name for t in steps if t.name in ("sam_mixup", "bgmix", "dgmix")]
+    other = [t.name for t in steps if t.name in MIXING_STEPS]
     if hidden_mixer(augment) is not None and other:
         raise ValueError(f"manifold_mixup does not compose with {other[0]}, which mixes the trained rows again "
                          "without the hidden mixing; use it alone, under sam/asam or with gradaug")

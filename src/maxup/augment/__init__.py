@@ -30,6 +30,8 @@ class Augmentation(nn.Module):
     image_only = False
     #: token-sequence augmentations (:mod:`maxup.augment.text`): ids in, integer targets kept
     sequence = False
+    #: must be the last augmentation of a Compose (its output is no longer plain inputs)
+    last = False
 
     def __init__(self, *, num_classes: int | None = None, p: float = 1.0):
         super().__init__()
@@ -256,6 +258,9 @@ class Compose(Augmentation):
         augmentations = list(augmentations)
         if not augmentations or not all(isinstance(a, Augmentation) for a in augmentations):
             raise ValueError("augmentations must be a non-empty list of maxup.augment.Augmentation modules")
+        early = [type(a).__name__ for a in augmentations[:-1] if a.last]
+        if early:
+            raise ValueError(f"{early[0]} must be the last augmentation: put embed_noise last in a method spec")
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
         self.image_only = any(a.image_only for a in augmentations)
@@ -278,6 +283,9 @@ class RandomChoice(Augmentation):
         augmentations = list(augmentations)
         if not augmentations or not all(isinstance(a, Augmentation) for a in augmentations):
             raise ValueError("augmentations must be a non-empty list of maxup.augment.Augmentation modules")
+        early = [type(a).__name__ for a in augmentations[:-1] if a.last]
+        if early:
+            raise ValueError(f"{early[0]} must be the last augmentation: put embed_noise last in a method spec")
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
         w = torch.ones(len(augmentations)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
@@ -315,7 +323,13 @@ def collate(augment: Augmentation, generator: torch.Generator | None = None):
     """A DataLoader ``collate_fn`` that stacks (x, y) samples and augments the batch.
 
     >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate(Mixup(num_classes=10)))
+
+    Manifold Mixup is refused: it mixes inside the model's forward pass, which a loader cannot do.
     """
+    if any(isinstance(m, ManifoldMixup) for m in augment.modules()):
+        raise ValueError("collate cannot apply ManifoldMixup: it mixes hidden features inside the model's forward "
+                         "pass; pass it to maxup.ERM / maxup.MaxUp (or run the model under "
+                         "maxup.functional.mix_hidden(model, aug.plan)) instead of the DataLoader")
 
     def fn(batch):
         xs, ys = zip(*batch)

@@ -93,6 +93,8 @@ class EmbeddingNoise(TokenAugmentation):
     :func:`maxup.functional.embed`) adds to the looked-up embeddings.
     """
 
+    last = True
+
     def __init__(self, sigma: float = 0.1, *, dim: int, num_classes: int | None = None):
         super().__init__(num_classes=num_classes)
         self.sigma = check_positive("sigma", sigma, allow_zero=True)

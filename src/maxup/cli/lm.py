@@ -107,9 +107,6 @@ def lm_method(spec: str) -> str:
     if steps:
         raise ValueError(f"method {spec!r}: {', '.join(steps)} is not available for language models "
                          f"(of the steps, {' and '.join(M.SAM_TERMS)} are)")
-    if not augments and any(t.name == "maxup" for t in terms):
-        raise ValueError(f"method {spec!r}: MaxUp needs a perturbation to draw copies from, e.g. "
-                         "'maxup(m=4)+embed_noise(sigma=0.1)'")
     return M.canonical(spec)
 
 
