@@ -129,8 +129,8 @@ def breakdown_cases(a, model, x, y, opt, m):
         f"augment {m} copies + stack": lambda: by_copy.candidates(x, y),
         "snapshot/restore buffers": snapshot,
         "no-grad forward, B rows": nograd,
-        f"selection pass, {m} chunks of B rows": lambda: by_copy._scores(model, xs, ts),
-        f"selection pass, 1 chunk of {m}B rows": lambda: at_once._scores(model, xs, ts),
+        f"selection pass, {m} chunks of B rows": lambda: by_copy._losses(model, xs, ts),
+        f"selection pass, 1 chunk of {m}B rows": lambda: at_once._losses(model, xs, ts),
         "gather chosen copies": lambda: (xs[pick, rows], ts[pick, rows]),
         "forward+backward+SGD on B chosen rows": lambda: plain(model, xc, tc),
     }

@@ -292,6 +292,28 @@ def test_maxup_soft_weighting_spec_is_mmel():
     assert isinstance(M.build_objective("smooth+mixup", 3), ERM)
 
 
+@pytest.mark.parametrize("mode", ["select", "direct"])
+def test_maxup_score_kl_picks_the_worst_fit_not_the_most_ambiguous_target(mode):
+    """score='kl' ranks copies by CE - H(t) = KL(t || p); the chosen copy still trains on its CE."""
+    model, x, y = mlp(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    aug = A.Mixup(num_classes=3, per_sample=True)
+    picks = {}
+    for score in ("loss", "kl"):
+        objective = MaxUp(aug, m=4, score=score, mode=mode)
+        xs, ts = objective.candidates(x, y, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ce = MF.soft_cross_entropy(model(xs.flatten(0, 1)), ts.flatten(0, 1), reduction="none").view(4, 16)
+        entropy = -(ts * ts.clamp_min(1e-30).log()).sum(-1)
+        pick = (ce - entropy if score == "kl" else ce).argmax(0)
+        result = objective(model, x, y, torch.Generator().manual_seed(1))
+        assert torch.allclose(result.losses, ce[pick, torch.arange(16)], atol=1e-5)  # trained on the chosen CE
+        picks[score] = pick
+    assert not torch.equal(picks["loss"], picks["kl"])  # the entropy term changes the choice
+    with pytest.raises(ValueError, match="score must be"):
+        MaxUp(aug, score="ce")
+    assert M.build_objective("maxup(m=2, score='kl')+cutmix", 3).score == "kl"
+
+
 def test_methods_listing_shows_every_term_with_its_options_on_one_line(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -223,8 +223,9 @@ def _erm(augment=None):
 
 
 def _maxup(augment, m: int = 4, temperature: float = 0.0, include_clean: bool = False, warmup_steps: int = 0,
-           mode: str | None = None):
-    return MaxUp(augment, m, temperature=temperature, include_clean=include_clean, warmup_steps=warmup_steps, mode=mode)
+           mode: str | None = None, score: str = "loss"):
+    return MaxUp(augment, m, temperature=temperature, include_clean=include_clean, warmup_steps=warmup_steps, mode=mode,
+                 score=score)
 
 
 def _aug(cls, **defaults):
@@ -241,7 +242,8 @@ def _aug(cls, **defaults):
 
 register("erm", "objective", _erm, "plain training on one (augmented) copy of each sample", hidden=("augment",))
 register("maxup", "objective", _maxup, "MaxUp: the worst loss over m augmented copies per sample (temperature > 0: "
-         "softmax weights over the copies, MMEL-style)", hidden=("augment",))
+         "softmax weights over the copies, MMEL-style; score='kl': worst fit, not most ambiguous target)",
+         hidden=("augment",))
 for _name, _cls, _defaults, _summary in [
     ("gaussian", A.GaussianNoise, {"sigma": 0.1}, "Gaussian noise N(0, sigma^2) on the inputs"),
     ("cutout", A.Cutout, {}, "Cutout: a box of the image set to zero"),

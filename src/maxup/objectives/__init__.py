@@ -152,6 +152,12 @@ class MaxUp(Objective):
         temperature: 0 takes the hard maximum (the paper); ``tau > 0`` weights the m losses
             by ``softmax(losses / tau)`` (detached, MMEL-style); ``float("inf")`` averages.
         include_clean: the unaugmented sample is one more candidate.
+        score: what makes a copy the worst: ``"loss"`` (the paper: its cross-entropy) or
+            ``"kl"``: its cross-entropy minus its target's own entropy, KL(t || p). Both train
+            the chosen copy on the cross-entropy (the same gradient); they differ in which copy
+            is chosen. With soft targets (Mixup, CutMix, Soft Augmentation, label smoothing)
+            the entropy term makes ``"loss"`` prefer the most ambiguous copy whatever the model
+            predicts; ``"kl"`` picks the copy the model fits worst. Hard labels: the same.
         warmup_steps: calls with plain augmentation (one copy) before MaxUp starts.
         mode: ``"select"`` (default for temperature 0) picks the worst copy in a no-grad
             pass that leaves BatchNorm statistics untouched, then forwards and backwards
@@ -169,7 +175,8 @@ class MaxUp(Objective):
     """
 
     def __init__(self, augment: Augmentation, m: int = 4, *, temperature: float = 0.0, include_clean: bool = False,
-                 warmup_steps: int = 0, mode: str | None = None, select_batch_size: int | None = None):
+                 warmup_steps: int = 0, mode: str | None = None, select_batch_size: int | None = None,
+                 score: str = "loss"):
         if augment is None:
             augment = Identity()
         if not callable(augment):
@@ -179,6 +186,10 @@ class MaxUp(Objective):
         self.temperature = check_positive("temperature", temperature, allow_zero=True)
         self.include_clean = bool(include_clean)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
+        if score not in ("loss", "kl"):
+            raise ValueError(f"score must be 'loss' (the cross-entropy, as in the paper) or 'kl' (the cross-entropy "
+                             f"minus the target's entropy), got {score!r}")
+        self.score = score
         hidden = hidden_mixer(augment) is not None
         if mode is None:
             mode = "select" if self.temperature == 0 and not hidden else "direct"
@@ -221,15 +232,14 @@ class MaxUp(Objective):
         if plan is not None and self.mode == "select":
             raise ValueError(_SELECT_HIDDEN)
         if self.mode == "select":
-            scores = self._scores(model, xs, ts)
-            pick = scores.argmax(0)
+            pick = self._score(self._losses(model, xs, ts), ts).argmax(0)
             rows = torch.arange(b, device=pick.device)
             return _plain(model, xs[pick, rows], ts[pick, rows])
         inputs, targets = xs.flatten(0, 1), ts.flatten(0, 1)
         with mix_hidden(model, plan):
             logits = model(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none").view(k, b)
-        weights = self._weights(rows.detach())
+        weights = self._weights(self._score(rows.detach(), ts))
         losses = (weights * rows).sum(0)
         return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, (weights / b).flatten(), plan)
 
@@ -241,7 +251,14 @@ class MaxUp(Objective):
             return torch.full_like(rows, 1.0 / rows.shape[0])
         return torch.softmax(rows / self.temperature, dim=0)
 
-    def _scores(self, model, xs, ts) -> torch.Tensor:
+    def _score(self, losses: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+        """(k, B) badness of each copy: its loss, or with ``score="kl"`` its loss minus its target's entropy."""
+        if self.score == "loss" or not ts.is_floating_point():
+            return losses
+        entropy = -torch.special.xlogy(ts, ts).sum(-1)
+        return losses - (entropy.mean(-1) if entropy.dim() > 2 else entropy)  # sequences: mean over tokens
+
+    def _losses(self, model, xs, ts) -> torch.Tensor:
         """(k, B) losses of every copy from a no-grad pass that leaves the model's buffers untouched."""
         k, b = ts.shape[:2]
         per = max(1, (self.select_batch_size or b) // b)  # whole copies per chunk
@@ -259,7 +276,8 @@ class MaxUp(Objective):
 
     def __repr__(self) -> str:
         return (f"MaxUp({self.augment!r}, m={self.m}, temperature={self.temperature}, "
-                f"include_clean={self.include_clean}, warmup_steps={self.warmup_steps}, mode={self.mode!r})")
+                f"include_clean={self.include_clean}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
+                f"score={self.score!r})")
 
 
 __all__ = ["ERM", "MaxUp", "Objective", "ObjectiveResult", "frozen_buffers", "hidden_mixer"]
