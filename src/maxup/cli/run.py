@@ -264,7 +264,8 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    many = len(rows) > 8  # a long legend goes beside the curves, and the figure grows to hold it
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16 if many else 12, 4.5 + (0.12 * len(rows) if many else 0)))
     ax1.bar(range(len(rows)), [scale * r[key] for r in rows], yerr=[scale * r[key + "_std"] for r in rows],
             capsize=4, color="tab:blue", alpha=0.8)
     ax1.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
@@ -276,11 +277,11 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
         mean = curves.mean(0)
         sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
         epochs = range(1, len(mean) + 1)
-        ax2.plot(epochs, mean, label=method)
+        ax2.plot(epochs, mean, label=method, marker="o" if len(mean) < 3 else None)  # one epoch: a point
         ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(curve_label)
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
