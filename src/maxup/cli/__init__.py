@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 for e in M.list_methods():
                     if e.kind == kind:
                         print(f"  {method_line(e)}")
-            print("compose with '+', e.g. 'maxup(m=4)+cutout(size=8)'")
+            print("compose with '+', e.g. 'maxup(m=4)+cutout(size=8)'; one card per method (formula, reference, "
+                  "cost, results): docs/methods/<name>.md")
             return 0
         if args.command == "train":
             train(args)
