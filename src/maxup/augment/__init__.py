@@ -283,9 +283,6 @@ class RandomChoice(Augmentation):
         augmentations = list(augmentations)
         if not augmentations or not all(isinstance(a, Augmentation) for a in augmentations):
             raise ValueError("augmentations must be a non-empty list of maxup.augment.Augmentation modules")
-        early = [type(a).__name__ for a in augmentations[:-1] if a.last]
-        if early:
-            raise ValueError(f"{early[0]} must be the last augmentation: put embed_noise last in a method spec")
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
         w = torch.ones(len(augmentations)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
