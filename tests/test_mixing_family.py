@@ -152,6 +152,17 @@ def test_manifold_mixup_needs_layers_without_stages():
 
 
 
+def test_terms_that_must_come_last_are_checked_through_nested_compositions():
+    mm = A.ManifoldMixup(layers=["input"], num_classes=3)
+    for inner in (A.Compose([A.Cutout(2, num_classes=3), mm]), A.RandomChoice([mm, A.Cutout(2, num_classes=3)])):
+        with pytest.raises(ValueError, match="must be the last augmentation"):
+            A.Compose([inner, A.Cutout(2, num_classes=3)])
+        A.Compose([A.Cutout(2, num_classes=3), inner])  # last: fine
+    with pytest.raises(ValueError, match="reweight scales each target row"):
+        A.Compose([A.SoftAugmentation(num_classes=3, reweight=True), A.Cutout(2, num_classes=3)])
+    A.Compose([A.SoftAugmentation(num_classes=3), A.Cutout(2, num_classes=3)])
+
+
 def test_manifold_mixup_is_refused_by_the_data_loader_collate():
     """A loader cannot mix inside the model: it would return unmixed inputs with mixed targets."""
     aug = A.Compose([A.Cutout(2, num_classes=3), A.ManifoldMixup(layers=["input"], num_classes=3)])

@@ -30,8 +30,8 @@ class Augmentation(nn.Module):
     image_only = False
     #: token-sequence augmentations (:mod:`maxup.augment.text`): ids in, integer targets kept
     sequence = False
-    #: must be the last augmentation of a Compose (its output is no longer plain inputs)
-    last = False
+    #: why it must be the last augmentation of a Compose (None: it may go anywhere)
+    last: str | None = None
 
     def __init__(self, *, num_classes: int | None = None, p: float = 1.0):
         super().__init__()
@@ -258,11 +258,12 @@ class Compose(Augmentation):
         augmentations = list(augmentations)
         if not augmentations or not all(isinstance(a, Augmentation) for a in augmentations):
             raise ValueError("augmentations must be a non-empty list of maxup.augment.Augmentation modules")
-        early = [type(a).__name__ for a in augmentations[:-1] if a.last]
-        if early:
-            raise ValueError(f"{early[0]} must be the last augmentation: put embed_noise last in a method spec")
+        early = next((a for a in augmentations[:-1] if a.last), None)
+        if early is not None:
+            raise ValueError(f"{type(early).__name__} must be the last augmentation: {early.last}")
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
+        self.last = augmentations[-1].last  # a Compose inside a Compose keeps its last member's constraint
         self.image_only = any(a.image_only for a in augmentations)
         self.sequence = _sequence(augmentations)
 
@@ -285,6 +286,7 @@ class RandomChoice(Augmentation):
             raise ValueError("augmentations must be a non-empty list of maxup.augment.Augmentation modules")
         super().__init__(num_classes=num_classes or _common_classes(augmentations))
         self.augmentations = nn.ModuleList(augmentations)
+        self.last = next((a.last for a in augmentations if a.last), None)  # the drawn member may need it
         w = torch.ones(len(augmentations)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (len(augmentations),) or bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError(f"weights must be {len(augmentations)} non-negative numbers with a positive sum, got {weights!r}")

@@ -53,6 +53,9 @@ class ManifoldMixup(_Mixing):
     ...     loss = maxup.functional.soft_cross_entropy(model(x_same), t)
     """
 
+    last = ("it mixes hidden features, after the inputs are augmented: write e.g. "
+            "'maxup(m=4)+cropflip+manifold_mixup'")
+
     def __init__(self, alpha: float = 2.0, *, layers: Sequence[str] | None = None, model: nn.Module | None = None,
                  per_sample: bool = False, num_classes: int | None = None, p: float = 1.0):
         super().__init__(alpha, per_sample=per_sample, num_classes=num_classes, p=p)

@@ -84,6 +84,9 @@ class SoftAugmentation(Augmentation):
         if not isinstance(reweight, bool):
             raise ValueError(f"reweight must be True or False, got {reweight!r}")
         self.reweight = reweight
+        if reweight:
+            self.last = ("reweight scales each target row by its confidence, and later augmentations expect rows "
+                         "that sum to one")
 
     def _offsets(self, n: int, h: int, w: int, generator, device) -> torch.Tensor:
         """(n, 2) shifts trunc(z * sigma * side), z ~ N(0, 1) redrawn while a shift exceeds its side."""

@@ -93,7 +93,7 @@ class EmbeddingNoise(TokenAugmentation):
     :func:`maxup.functional.embed`) adds to the looked-up embeddings.
     """
 
-    last = True
+    last = "it packs the noise with the token ids; put embed_noise last in a method spec"
 
     def __init__(self, sigma: float = 0.1, *, dim: int, num_classes: int | None = None):
         super().__init__(num_classes=num_classes)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_positive
-from ..augment import Augmentation, Compose, Identity, ManifoldMixup
+from ..augment import Augmentation, Identity, ManifoldMixup
 from ..functional import soft_cross_entropy, soft_targets
 from ..functional.manifold import HiddenMix, mix_hidden
 
@@ -75,8 +75,8 @@ def _plain(model, inputs, targets, mixing: HiddenMix | None = None) -> Objective
 
 
 def hidden_mixer(augment) -> ManifoldMixup | None:
-    """The :class:`~maxup.augment.ManifoldMixup` inside ``augment`` (None if there is none), checked to
-    come last: it mixes inside the network, after every input augmentation."""
+    """The :class:`~maxup.augment.ManifoldMixup` inside ``augment`` (None if there is none); a
+    :class:`~maxup.augment.Compose` has already checked that it comes last."""
     if not isinstance(augment, torch.nn.Module):
         return None
     found = [m for m in augment.modules() if isinstance(m, ManifoldMixup)]
@@ -84,9 +84,6 @@ def hidden_mixer(augment) -> ManifoldMixup | None:
         return None
     if len(found) > 1:
         raise ValueError("a method may hold one manifold_mixup term only")
-    if isinstance(augment, Compose) and found[0] not in list(augment.augmentations[-1].modules()):
-        raise ValueError("manifold_mixup must be the last augmentation (it mixes hidden features, after the "
-                         "inputs are augmented): write e.g. 'maxup(m=4)+cropflip+manifold_mixup'")
     return found[0]
 
 
