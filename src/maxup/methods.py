@@ -126,9 +126,9 @@ def parse(spec: str) -> list[Term]:
                 raise ValueError(f"unknown argument {key!r} for method {name!r}; valid arguments: "
                                  + (", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"))
         terms.append(Term(name, kwargs))
-    if any(t.name == "maxup" for t in terms) and all(t.name in DETERMINISTIC or REGISTRY[t.name].kind == "objective"
-                                                     or REGISTRY[t.name].kind == "step" and t.name not in MIXING_STEPS
-                                                     for t in terms):
+    random = [t for t in terms if REGISTRY[t.name].kind == "augment" and t.name not in DETERMINISTIC
+              or t.name in MIXING_STEPS]  # the terms that make MaxUp's copies differ
+    if any(t.name == "maxup" for t in terms) and not random:
         raise ValueError(f"method spec {spec!r}: MaxUp needs a random augmentation to draw its m copies from, e.g. "
                          "'maxup(m=4)+cutout' ('maxup(m=4)+embed_noise(sigma=0.1)' for language models); without one "
                          f"the copies are identical ({', '.join(DETERMINISTIC)} only changes the targets)")
@@ -163,9 +163,6 @@ def build_augment(terms: list[Term], num_classes: int, model: torch.nn.Module | 
             augs.append(entry.factory(**t.kwargs, **extra, num_classes=num_classes))
     if not augs:
         return None
-    if any(getattr(a, "reweight", False) for a in augs[:-1]):
-        raise ValueError("soft_augment(reweight=true) must be the last augmentation: it scales each target row by its "
-                         "confidence, and later augmentations expect rows that sum to one")
     return augs[0] if len(augs) == 1 else A.Compose(augs, num_classes=num_classes)
 
 
