@@ -13,6 +13,7 @@ import torch
 from .. import methods as M
 from ..data import list_datasets, load_dataset
 from ..models import create_model, list_models
+from .._checks import check_int
 from ..train import fit
 
 DEFAULT_METHODS = ["erm", "cutout", "maxup(m=4)+cutout", "mixup", "cutmix", "maxup(m=4)+cutmix"]
@@ -29,8 +30,16 @@ IMAGE_DEFAULTS = {"epochs": 15, "batch_size": 128, "optimizer": "sgd", "lr": 0.0
 
 
 #: the columns of the comparison table: (header, metric key, scale, decimals)
-IMAGE_COLUMNS = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
+IMAGE_COLUMNS = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("valid accuracy (%)", "val_accuracy", 100.0, 2),
+                 ("clean train accuracy (%)", "clean_train_accuracy", 100.0, 2),
+                 ("train-test gap (points)", "gap", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
                  ("ECE (%)", "test_ece", 100.0, 2))
+#: the final metrics summarised for images: test, and the clean training set (convergence)
+IMAGE_KEYS = ("test_accuracy", "test_loss", "test_ece", "clean_train_accuracy", "clean_train_loss", "val_accuracy")
+#: clean training accuracy the baseline must reach for a comparison to show what a regulariser buys
+CONVERGED = 0.99
+#: the settings a method of ``maxup compare`` may change for itself: ``cutout@epochs=40``
+BUDGET_KEYS = ("epochs",)
 
 
 class _TaskDefault:
@@ -55,13 +64,24 @@ def _key_value(text: str) -> tuple[str, object]:
     return key, M._value(__import__("ast").parse(value, mode="eval").body, text)
 
 
+def _fraction_or_count(text: str) -> float | int:
+    """``--val-size``: ``0.1`` (a fraction of the training data) or ``300`` (a count)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or a count such as 300, got {text!r}")
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="digits", help=f"one of {', '.join(list_datasets())} (default: digits, bundled)")
     g.add_argument("--data-dir", default=None, help="where the dataset files are (default: $MAXUP_DATA or the "
                                                      "standard location, e.g. /usr/share/datasets/fashion-mnist)")
     g.add_argument("--train-size", type=int, default=None, help="stratified subset of N training images (low-data regime)")
-    g.add_argument("--val-size", type=float, default=0, help="validation split from the training data: a fraction or a count")
+    g.add_argument("--val-size", type=_fraction_or_count, default=0, help="validation split from the training data: a fraction or a count")
     g.add_argument("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not standardise the inputs")
     g = p.add_argument_group("model")
@@ -164,8 +184,7 @@ def comparison_specs(args, specs: list[str], normalise) -> list[str]:
 
 
 def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: float, *, title: str = "maxup compare",
-           keys: tuple[str, ...] = ("test_accuracy", "test_loss", "test_ece"), columns=IMAGE_COLUMNS,
-           **plot_options) -> list[dict]:
+           keys: tuple[str, ...] = IMAGE_KEYS, columns=IMAGE_COLUMNS, **plot_options) -> list[dict]:
     """Summarise a comparison (baseline: erm when present, else the first method); on the main process print
     the table and write results.md, results.json and results.png into ``out``."""
     specs = list(results)
@@ -173,7 +192,7 @@ def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: 
     rows = summarize(results, baseline, keys=keys)
     if not _is_main():
         return rows
-    text = table(rows, baseline, columns)
+    text = table(rows, baseline, columns) + convergence_note(rows, baseline)
     print(f"\n{budget}\n\n{text}\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(f"# {title}\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
@@ -199,7 +218,7 @@ def train(args) -> list[dict]:
 
 
 def _slug(spec: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "=.-" else "_" for c in spec)
+    keep = "".join(c if c.isalnum() or c in "=.-@" else "_" for c in spec)
     return "_".join(filter(None, keep.split("_")))
 
 
@@ -224,20 +243,63 @@ def _load_suite(args) -> None:
                              + ", ".join(SUITE_KEYS + RUN_KEYS))
 
 
+def split_budget(label: str) -> tuple[str, dict]:
+    """``"cutout@epochs=40"`` -> ``("cutout", {"epochs": 40})``: a method of ``maxup compare`` with a budget of its
+    own (:data:`BUDGET_KEYS`), e.g. the base augmentation trained as long as MaxUp over it takes."""
+    spec, at, rest = label.partition("@")
+    budget = {}
+    for item in filter(None, (p.strip() for p in rest.split("@"))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in BUDGET_KEYS:
+            raise ValueError(f"cannot read the budget {item!r} in {label!r}: write METHOD@epochs=N, e.g. "
+                             f"'cutout@epochs=40' (budget keys: {', '.join(BUDGET_KEYS)})")
+        try:
+            budget[key] = int(value)
+        except ValueError:
+            raise ValueError(f"budget {item!r} in {label!r}: {key} must be a whole number") from None
+        if budget[key] < 1:
+            raise ValueError(f"budget {item!r} in {label!r}: {key} must be >= 1")
+    if at and not budget:
+        raise ValueError(f"empty budget in {label!r}: write METHOD@epochs=N, e.g. 'cutout@epochs=40'")
+    return spec, budget
+
+
+def with_budget(normalise):
+    """``normalise`` applied to the spec part of ``METHOD@epochs=N``, the budget written back after it."""
+    def checked(label: str) -> str:
+        spec, budget = split_budget(label)
+        return normalise(spec) + "".join(f"@{k}={v}" for k, v in budget.items())
+    return checked
+
+
 def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
-              keys: tuple[str, ...] = ("test_accuracy", "test_loss", "test_ece")) -> list[dict]:
-    """Mean and standard deviation over seeds of the final metrics ``keys``, and time per epoch relative to
-    the baseline."""
+              keys: tuple[str, ...] = IMAGE_KEYS) -> list[dict]:
+    """Mean and standard deviation over seeds of the final metrics ``keys`` (those every run recorded), the
+    train-test gap (clean training accuracy minus test accuracy), time per epoch relative to the baseline, and
+    total training time. With a validation perplexity: the epoch of the best one and the test perplexity there."""
     rows = []
     for method, runs in results.items():
         finals = [h[-1] for h in runs]
-        row = {"method": method, "seeds": len(runs)}
+        row = {"method": method, "seeds": len(runs), "epochs": len(runs[0])}
+
+        def stats(name, values):
+            vals = torch.tensor([float(v) for v in values], dtype=torch.float64)
+            row[name] = vals.mean().item()
+            row[name + "_std"] = vals.std().item() if len(vals) > 1 else 0.0
+
         for key in keys:
-            vals = torch.tensor([float(f[key]) for f in finals], dtype=torch.float64)
-            row[key] = vals.mean().item()
-            row[key + "_std"] = vals.std().item() if len(vals) > 1 else 0.0
+            if all(key in f for f in finals):
+                stats(key, [f[key] for f in finals])
+        if all("clean_train_accuracy" in f and "test_accuracy" in f for f in finals):
+            stats("gap", [f["clean_train_accuracy"] - f["test_accuracy"] for f in finals])
+        if all("val_perplexity" in e for h in runs for e in h):
+            best = [min(h, key=lambda e: e["val_perplexity"]) for h in runs]
+            stats("best_val_epoch", [e["epoch"] for e in best])
+            stats("test_perplexity_at_best_val", [e["test_perplexity"] for e in best])
         # median over epochs and seeds: robust to the odd slow epoch on a shared machine
         row["epoch_time"] = torch.tensor([e["train_time"] for h in runs for e in h]).median().item()
+        stats("train_time_total", [sum(e["train_time"] for e in h) for h in runs])
         rows.append(row)
     base = next((r for r in rows if r["method"] == baseline), rows[0])
     for r in rows:
@@ -246,13 +308,25 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
 
 
 def table(rows: list[dict], baseline: str, columns=IMAGE_COLUMNS) -> str:
-    """A markdown table: mean ± sd over seeds of each column's metric, and the time per epoch over the baseline's."""
-    lines = [f"| method | {' | '.join(c[0] for c in columns)} | time/epoch vs {baseline} |",
-             "|---|" + "---|" * (len(columns) + 1)]
+    """A markdown table: mean ± sd over seeds of each column's metric ("-" where a run did not record it), the
+    time per epoch over the baseline's, and the total training time per run."""
+    columns = [c for c in columns if any(c[1] in r for r in rows)]  # e.g. no validation split: no such column
+    lines = [f"| method | {' | '.join(c[0] for c in columns)} | time/epoch vs {baseline} | train time (s) |",
+             "|---|" + "---|" * (len(columns) + 2)]
     for r in rows:
-        cells = " | ".join(f"{scale * r[key]:.{d}f} ± {scale * r[key + '_std']:.{d}f}" for _, key, scale, d in columns)
-        lines.append(f"| {r['method']} | {cells} | {r['time_ratio']:.2f}x |")
+        cells = " | ".join(f"{scale * r[key]:.{d}f} ± {scale * r[key + '_std']:.{d}f}" if key in r else "-"
+                           for _, key, scale, d in columns)
+        lines.append(f"| {r['method']} | {cells} | {r['time_ratio']:.2f}x | {r['train_time_total']:.0f} |")
     return "\n".join(lines)
+
+
+def convergence_note(rows: list[dict], baseline: str) -> str:
+    """A line under the table when the baseline did not fit its training data (clean accuracy < 99%)."""
+    base = next((r for r in rows if r["method"] == baseline), None)
+    if base is None or "clean_train_accuracy" not in base or base["clean_train_accuracy"] >= CONVERGED:
+        return ""
+    return (f"\n\nNote: {baseline} reached {100 * base['clean_train_accuracy']:.2f}% clean training accuracy "
+            f"(< {100 * CONVERGED:.0f}%): not converged: regularisers can only cost here.")
 
 
 def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, title: str, *,
@@ -270,7 +344,9 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
             capsize=4, color="tab:blue", alpha=0.8)
     ax1.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=30, ha="right", fontsize=8)
     lo = min(scale * (r[key] - 2 * r[key + "_std"]) for r in rows)
-    ax1.set_ylim(max(0.0, 0.95 * lo), None)
+    hi = max(scale * (r[key] + 2 * r[key + "_std"]) for r in rows)
+    top = min(scale, hi + 0.05 * (hi - lo) + 1e-9) if key.endswith("accuracy") else None  # never past 100%
+    ax1.set_ylim(max(0.0, lo - 0.05 * (hi - lo) - 1e-9), top)
     ax1.set_ylabel(f"final {label}, mean ± sd over seeds")
     for method, runs in results.items():
         curves = torch.tensor([[scale * float(e[curve_key]) for e in h] for h in runs], dtype=torch.float64)
@@ -281,11 +357,80 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
         ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(curve_label)
+    if curve_key.endswith("accuracy"):
+        ax2.set_ylim(None, min(scale, ax2.get_ylim()[1]))
     ax2.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_comparison(args, specs: list[str], make_config, runner, load, describe) -> dict[str, list[list[dict]]]:
+    """Every method of ``specs`` (``METHOD@epochs=N`` gives one its own budget) with every seed, each run in
+    ``args.out/<method>/seed-N`` through ``runner(config, out_dir=..., ...)``: in this process, the data of a seed
+    loaded once by ``load(seed)``, or in ``args.jobs`` worker processes (each loads its own). Finished runs are
+    reused with ``--resume``. Returns each method's histories in seed order."""
+    out = Path(args.out)
+    jobs = check_int("--jobs", getattr(args, "jobs", 1))
+    if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--jobs runs whole runs side by side; under torchrun each run already spans the processes: "
+                         "use --jobs 1")
+    runs = []  # seeds outer: drift on a shared machine hits every method alike
+    for seed in range(args.seeds):
+        for spec in specs:
+            method, budget = split_budget(spec)
+            runs.append((spec, seed, {**make_config(method, seed), **budget}, out / _slug(spec) / f"seed-{seed}"))
+    results: dict[str, list] = {s: [None] * args.seeds for s in specs}
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = None
+    if show and _is_main():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(runs), desc="compare", unit="run", file=sys.stderr)
+
+    def done(spec, seed, history):
+        results[spec][seed] = history
+        msg = describe(spec, seed, history[-1])
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update()
+        elif _is_main():
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        if jobs == 1:
+            loaded: dict[int, object] = {}
+            for spec, seed, config, run_dir in runs:
+                if seed not in loaded:
+                    loaded.clear()
+                    loaded[seed] = load(seed)
+                done(spec, seed, runner(config, out_dir=run_dir, progress=False, splits=loaded[seed],
+                                        resume=args.resume))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                     initargs=(threads,)) as pool:
+                futures = {pool.submit(runner, config, out_dir=run_dir, progress=False, resume=args.resume):
+                           (spec, seed) for spec, seed, config, run_dir in runs}
+                try:
+                    for future in as_completed(futures):
+                        done(*futures[future], future.result())
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
 
 
 def compare(args) -> list[dict]:
@@ -296,33 +441,21 @@ def compare(args) -> list[dict]:
 
         return compare_lm(args)
     fill_task_defaults(args, IMAGE_DEFAULTS)
-    specs = comparison_specs(args, args.methods or DEFAULT_METHODS, M.canonical)
+    specs = comparison_specs(args, args.methods or DEFAULT_METHODS, with_budget(M.canonical))
     out = Path(args.out)
-    results: dict[str, list[list[dict]]] = {s: [] for s in specs}
-    runs = [(seed, spec) for seed in range(args.seeds) for spec in specs]  # seeds outer: drift hits every method alike
-    show = args.progress if args.progress is not None else sys.stderr.isatty()
-    bar = None
-    if show and _is_main():
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(runs), desc="compare", unit="run", file=sys.stderr)
     start = time.perf_counter()
-    for seed in range(args.seeds):
-        splits = load_dataset(args.dataset, data_dir=args.data_dir, val_size=args.val_size, train_size=args.train_size,
-                              test_size=args.test_size, normalize=args.normalize, seed=seed)
-        for spec in specs:
-            history = run(_config(args, spec, seed), out_dir=out / _slug(spec) / f"seed-{seed}", progress=False,
-                          splits=splits, resume=args.resume)
-            results[spec].append(history)
-            msg = f"{spec} seed {seed}: test acc {100 * history[-1]['test_accuracy']:.2f}%"
-            if bar is not None:
-                bar.set_postfix_str(msg)
-                bar.update()
-            elif _is_main():
-                print(msg, file=sys.stderr, flush=True)
-    if bar is not None:
-        bar.close()
+
+    def load(seed):
+        return load_dataset(args.dataset, data_dir=args.data_dir, val_size=args.val_size, train_size=args.train_size,
+                            test_size=args.test_size, normalize=args.normalize, seed=seed)
+
+    def describe(spec, seed, last):
+        return (f"{spec} seed {seed}: test acc {100 * last['test_accuracy']:.2f}%, clean train acc "
+                f"{100 * last.get('clean_train_accuracy', float('nan')):.2f}%")
+
+    results = run_comparison(args, specs, lambda spec, seed: _config(args, spec, seed), run, load, describe)
     budget = (f"{args.dataset}" + (f" (train subset {args.train_size})" if args.train_size else "")
-              + f", model {args.model}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-              f"seeds 0..{args.seeds - 1}")
+              + f", model {args.model}" + (f" {dict(args.model_opt)}" if args.model_opt else "")
+              + f", {args.epochs} epochs (unless METHOD@epochs=N), batch {args.batch_size}, lr {args.lr}, "
+              f"seeds 0..{args.seeds - 1}" + (f", validation split {args.val_size}" if args.val_size else ""))
     return report(results, out, budget, start)

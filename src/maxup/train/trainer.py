@@ -74,8 +74,10 @@ class Trainer:
     ``(seed, rank)``) supplying all augmentation randomness, and ``scheduler.step()``
     follows each optimizer step. One history record per epoch holds ``epoch``, ``step``
     (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
-    ``train_accuracy``, ``val_*``/``test_*`` (``accuracy``, ``loss``, ``ece``, and
-    ``perplexity`` for token sequences; see :func:`evaluate`) and the timings
+    ``train_accuracy`` (on the augmented batches), ``val_*``/``test_*`` (``accuracy``, ``loss``,
+    ``ece``, and ``perplexity`` for token sequences; see :func:`evaluate`), on the last epoch
+    ``clean_train_*`` (the same metrics on the training set in eval mode without augmentation:
+    whether the model fits its data) and the timings
     ``train_time``, ``time`` and ``samples_per_s``.
 
     With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
@@ -277,6 +279,10 @@ class Trainer:
                 metrics = evaluate(self.module, data, batch_size=eval_batch, device=self.device,
                                    num_classes=self.num_classes)
                 record.update({f"{name}_{k}": v for k, v in metrics.items()})
+        if epoch + 1 == self.epochs:  # convergence: the clean training set, eval mode, no augmentation
+            metrics = evaluate(self.module, self.train_data, batch_size=eval_batch, device=self.device,
+                               num_classes=self.num_classes)
+            record.update({f"clean_train_{k}": v for k, v in metrics.items()})
         record["train_time"] = train_time
         record["samples_per_s"] = count / train_time if train_time > 0 else float("nan")
         record["time"] = time.perf_counter() - start
