@@ -81,6 +81,23 @@ def test_worker_processes_give_the_same_runs_as_one_process(tmp_path):
     assert strip(one) == strip(two)
 
 
+def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "erm,cutout", "--epochs", "1", "--seeds", "2", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert main(argv + ["--report"]) == 0  # everything finished: the same summary, nothing trained
+    assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]
+    (out / "cutout" / "seed-1" / "metrics.jsonl").unlink()
+    assert main(argv + ["--report"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["missing"] == ["cutout seed 1"] and "not finished, left out: cutout seed 1" in again["budget"]
+    assert [r["seeds"] for r in again["summary"]] == [2, 1]
+    assert again["runs"]["cutout"] == first["runs"]["cutout"][:1]
+    assert main(["compare", "--methods", "mixup", "--out", str(out), *TINY, "--report"]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
 def test_bad_jobs_is_refused(capsys):
     assert main(["compare", "--jobs", "0", "--out", "unused"]) == 2
     assert "--jobs" in capsys.readouterr().err

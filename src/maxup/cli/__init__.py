@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output directory (default: runs/compare)")
     p.add_argument("--resume", action="store_true",
                    help="reuse the finished runs in --out and continue the unfinished ones")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: summarise the runs in --out that have finished (a grid still running, or "
+                        "one whose run directories were copied from another machine)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs trained side by side in worker processes (default: 1); e.g. several small runs on one "
                         "GPU, or one per core with one thread each")

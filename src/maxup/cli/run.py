@@ -179,14 +179,19 @@ def comparison_specs(args, specs: list[str], normalise) -> list[str]:
     specs = [normalise(s) for s in specs]
     if len(set(specs)) != len(specs):
         raise ValueError(f"--methods lists a method twice: {specs}")
-    _refuse_overwrite(Path(args.out), args.resume, "a comparison")
+    _refuse_overwrite(Path(args.out), args.resume or getattr(args, "report", False), "a comparison")
     return specs
 
 
 def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: float, *, title: str = "maxup compare",
-           keys: tuple[str, ...] = IMAGE_KEYS, columns=IMAGE_COLUMNS, **plot_options) -> list[dict]:
+           keys: tuple[str, ...] = IMAGE_KEYS, columns=IMAGE_COLUMNS, missing=(), **plot_options) -> list[dict]:
     """Summarise a comparison (baseline: erm when present, else the first method); on the main process print
-    the table and write results.md, results.json and results.png into ``out``."""
+    the table and write results.md, results.json and results.png into ``out``. ``missing`` names the runs not
+    finished (``compare --report`` summarises the finished ones)."""
+    if not results:
+        raise ValueError(f"no finished run in {out} to report: train them first (maxup compare without --report)")
+    if missing:
+        budget += f"; not finished, left out: {', '.join(missing)}"
     specs = list(results)
     baseline = "erm" if "erm" in specs else specs[0]
     rows = summarize(results, baseline, keys=keys)
@@ -196,7 +201,8 @@ def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: 
     print(f"\n{budget}\n\n{text}\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(f"# {title}\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
-    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results}, indent=1))
+    (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results,
+                                                  "missing": list(missing)}, indent=1))
     plot(results, rows, out / "results.png", budget, **plot_options)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return rows
@@ -403,7 +409,12 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
             print(msg, file=sys.stderr, flush=True)
 
     try:
-        if jobs == 1:
+        if getattr(args, "report", False):
+            for spec, seed, config, run_dir in runs:
+                history = finished_history(run_dir, config["epochs"])
+                if history is not None:
+                    done(spec, seed, history)
+        elif jobs == 1:
             loaded: dict[int, object] = {}
             for spec, seed, config, run_dir in runs:
                 if seed not in loaded:
@@ -430,7 +441,17 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
     finally:
         if bar is not None:
             bar.close()
-    return results
+    missing = [f"{spec} seed {seed}" for spec, runs_ in results.items() for seed, h in enumerate(runs_) if h is None]
+    return {spec: [h for h in hs if h is not None] for spec, hs in results.items() if any(hs)}, missing
+
+
+def finished_history(run_dir: Path, epochs: int) -> list[dict] | None:
+    """The history in ``run_dir/metrics.jsonl`` when the run finished its ``epochs``, else None."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return history if len(history) == epochs and history[-1].get("epoch") == epochs else None
 
 
 def compare(args) -> list[dict]:
@@ -453,9 +474,9 @@ def compare(args) -> list[dict]:
         return (f"{spec} seed {seed}: test acc {100 * last['test_accuracy']:.2f}%, clean train acc "
                 f"{100 * last.get('clean_train_accuracy', float('nan')):.2f}%")
 
-    results = run_comparison(args, specs, lambda spec, seed: _config(args, spec, seed), run, load, describe)
+    results, missing = run_comparison(args, specs, lambda spec, seed: _config(args, spec, seed), run, load, describe)
     budget = (f"{args.dataset}" + (f" (train subset {args.train_size})" if args.train_size else "")
               + f", model {args.model}" + (f" {dict(args.model_opt)}" if args.model_opt else "")
               + f", {args.epochs} epochs (unless METHOD@epochs=N), batch {args.batch_size}, lr {args.lr}, "
               f"seeds 0..{args.seeds - 1}" + (f", validation split {args.val_size}" if args.val_size else ""))
-    return report(results, out, budget, start)
+    return report(results, out, budget, start, missing=missing)
