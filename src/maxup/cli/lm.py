@@ -170,7 +170,7 @@ LM_COLUMNS = (("test perplexity", "test_perplexity", 1.0, 2), ("valid perplexity
 
 def compare_lm(args) -> list[dict]:
     """``maxup compare --task lm``: every method with every seed on one corpus, under the same budget."""
-    fill_task_defaults(args, LM_DEFAULTS)
+    fill_task_defaults(args, {**LM_DEFAULTS, "train_size": None})
     specs = comparison_specs(args, args.methods or DEFAULT_LM_METHODS, with_budget(lm_method))
     out = Path(args.out)
     splits = load_corpus(corpus_folder(args.corpus), bptt=args.bptt, train_tokens=args.train_tokens)
