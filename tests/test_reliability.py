@@ -143,3 +143,12 @@ def test_empty_batch_is_refused_not_divided_by_zero():
         ERM()(model, torch.rand(0, 3), torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="empty batch"):
         MaxUp(A.GaussianNoise(0.1, num_classes=2), m=2)(model, torch.rand(0, 3), torch.zeros(0, dtype=torch.long))
+
+
+def test_method_spec_with_a_repeated_key_is_refused():
+    from maxup import methods as M
+
+    with pytest.raises(ValueError, match="gives alpha more than once"):
+        M.parse("mixup(alpha=0.2, alpha=1.0)")
+    with pytest.raises(ValueError, match="cannot parse"):
+        M.parse("mixup(**{'alpha': 1})")
