@@ -36,6 +36,7 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "fit",
+    "last_good_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
