@@ -22,7 +22,7 @@ from .. import methods as M
 from ..data.text import build_kjv_corpus, kjv_corpus, load_corpus, read_corpus
 from ..models import LSTMLanguageModel
 from ..train import fit
-from .run import (_is_main, _key_value, add_optim_options, add_run_dir_options, check_run_dir,
+from .run import (POSITIVE_INT, _is_main, _key_value, add_optim_options, add_run_dir_options, check_run_dir,
                   comparison_specs, fill_task_defaults, report, run_comparison, with_budget)
 
 #: the optimisation defaults of language modelling (the image ones are in run.IMAGE_DEFAULTS)
@@ -43,9 +43,9 @@ def add_corpus_options(p: argparse.ArgumentParser) -> None:
                    help="folder with train.txt, valid.txt and test.txt (one sentence per line, PTB / WikiText "
                         "layout), or 'kjv': the King James Bible, built on first use into $MAXUP_DATA/kjv or "
                         "~/.cache/maxup/kjv from the Debian packages bible-kjv and bible-kjv-text (default: kjv)")
-    g.add_argument("--bptt", type=int, default=35, help="tokens per segment (truncated back-propagation through "
+    g.add_argument("--bptt", type=POSITIVE_INT, default=35, help="tokens per segment (truncated back-propagation through "
                                                         "time; default: 35)")
-    g.add_argument("--train-tokens", type=int, default=None, help="use only the first N training tokens (quick runs)")
+    g.add_argument("--train-tokens", type=POSITIVE_INT, default=None, help="use only the first N training tokens (quick runs)")
 
 
 def add_parsers(sub) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from .. import methods as M
 from ..data import list_datasets, load_dataset
 from ..models import create_model, list_models
 from .._checks import check_int
-from ..train import fit
+from ..train import fit, list_checkpoints
 
 DEFAULT_METHODS = ["erm", "cutout", "maxup(m=4)+cutout", "mixup", "cutmix", "maxup(m=4)+cutmix"]
 RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
@@ -61,6 +62,36 @@ def fill_task_defaults(args, defaults: dict) -> None:
             setattr(args, key, value)
 
 
+def int_option(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in its error)."""
+    def parse(text) -> int:
+        try:
+            value = int(str(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def float_option(low: float = 0.0, *, strict: bool = False):
+    """An argparse type: a finite number >= ``low`` (> ``low`` when ``strict``)."""
+    def parse(text) -> float:
+        try:
+            value = float(str(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE_INT, COUNT = int_option(1), int_option(0)
+POSITIVE, NON_NEGATIVE = float_option(strict=True), float_option()
+
+
 def _key_value(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -71,12 +102,12 @@ def _key_value(text: str) -> tuple[str, object]:
 def _fraction_or_count(text: str) -> float | int:
     """``--val-size``: ``0.1`` (a fraction of the training data) or ``300`` (a count)."""
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or a count such as 300, got {text!r}")
+        value = NON_NEGATIVE(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1 or a count such as 300, got {text!r}")
+    return value
 
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
@@ -84,9 +115,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="digits", help=f"one of {', '.join(list_datasets())} (default: digits, bundled)")
     g.add_argument("--data-dir", default=None, help="where the dataset files are (default: $MAXUP_DATA or the "
                                                      "standard location, e.g. /usr/share/datasets/fashion-mnist)")
-    g.add_argument("--train-size", type=int, default=None, help="stratified subset of N training images (low-data regime)")
-    g.add_argument("--val-size", type=_fraction_or_count, default=0, help="validation split from the training data: a fraction or a count")
-    g.add_argument("--test-size", type=int, default=None, help="use only the first N test images (quick runs)")
+    g.add_argument("--train-size", type=POSITIVE_INT, default=None,
+                   help="stratified subset of N training images (low-data regime)")
+    g.add_argument("--val-size", type=_fraction_or_count, default=0,
+                   help="validation split from the training data: a fraction or a count")
+    g.add_argument("--test-size", type=POSITIVE_INT, default=None, help="use only the first N test images (quick runs)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not standardise the inputs")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")
@@ -96,26 +129,36 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_run_dir_options(p: argparse.ArgumentParser) -> None:
-    """The options of one run (``maxup train``, ``maxup lm``): seed, run directory, resume."""
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    """The options of one run (``maxup train``, ``maxup lm``): seed, run directory, resume, force."""
+    p.add_argument("--seed", type=COUNT, default=0, help="random seed, >= 0 (default: 0)")
     p.add_argument("--out", default=None, help="run directory for metrics, config.yaml and checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (with the "
+                                                         "same settings; more --epochs may be given)")
+    add_force_option(p)
+
+
+def add_force_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out that holds other files or an "
+                                                        "earlier run, replacing that run's files (its checkpoints are "
+                                                        "deleted)")
 
 
 def add_optim_options(p: argparse.ArgumentParser) -> None:
     """The optimisation options shared by image training and language modelling (``maxup lm``)."""
     g = p.add_argument_group("optimisation")
     d = IMAGE_DEFAULTS  # other tasks change them with p.set_defaults
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="training epochs (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+    g.add_argument("--epochs", type=POSITIVE_INT, default=d["epochs"], help="training epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=d["batch_size"],
                    help="batch size per process (default: %(default)s)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default=d["optimizer"],
                    help="SGD with Nesterov momentum, or AdamW (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default: %(default)s)")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    g.add_argument("--weight-decay", type=float, default=d["weight_decay"], help="weight decay (default: %(default)s)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up before the cosine decay")
-    g.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"],
+    g.add_argument("--lr", type=POSITIVE, default=d["lr"], help="peak learning rate (default: %(default)s)")
+    g.add_argument("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=d["weight_decay"],
+                   help="weight decay (default: %(default)s)")
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=0.0,
+                   help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument("--max-grad-norm", type=POSITIVE, default=d["max_grad_norm"],
                    help="clip the gradient norm to this value (default: %(default)s)")
     g.add_argument("--amp", choices=("bf16", "fp16"), default=None, help="mixed precision (bf16 on CPU/GPU, fp16 on GPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -132,7 +175,10 @@ def _config(args, method: str, seed: int) -> dict:
 
 
 def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, splits=None) -> list[dict]:
-    """Train one configuration (the keys of :data:`RUN_KEYS` plus ``method`` and ``seed``); returns the history."""
+    """Train one configuration (the keys of :data:`RUN_KEYS` plus ``method`` and ``seed``); returns the history.
+
+    With ``resume`` a run in ``out_dir`` continues if its settings are the same (more epochs may be
+    given); a changed setting is an error naming it."""
     seed = config["seed"]
     if splits is None:
         splits = load_dataset(config["dataset"], data_dir=config["data_dir"], val_size=config["val_size"],
@@ -158,32 +204,88 @@ def _fmt(row: dict, prefix: str) -> str:
     return "  ".join(f"{prefix} {k} {row[f'{prefix}_{k}']:.4f}" for k in keys)
 
 
-def _refuse_overwrite(out, resume: bool, what: str) -> None:
-    """Never train over a user's earlier results without --resume."""
-    if out is None or resume:
+def _holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a maxup training run: checkpoints, or a config.yaml that maxup wrote."""
+    if list_checkpoints(out / "checkpoints"):
+        return True
+    try:
+        import yaml
+
+        config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    except Exception:  # missing, unreadable or not YAML: not a maxup run
+        return False
+    return isinstance(config, dict) and "method" in config and "trainer" in config
+
+
+def _holds_comparison(out: Path) -> bool:
+    return (out / "results.json").is_file() or any(p.is_dir() for p in out.glob("*/seed-*"))
+
+
+def check_out(out, *, resume: bool, force: bool, what: str, holds=_holds_run) -> None:
+    """Refuse an ``--out`` that cannot be written (a file, read-only), or that is not empty and not this
+    run's: without ``--resume`` or ``--force`` a non-empty folder is never written into, and ``--resume``
+    needs a folder that ``holds`` ``what``."""
+    if out is None:
         return
     out = Path(out)
-    if (out / "results.json").exists() or any(out.glob("**/checkpoints/*.pt")):
-        raise ValueError(f"--out {out} already holds {what}: pass --resume to continue (finished runs are reused), "
-                         "or choose another --out")
+    if resume and force:
+        raise ValueError("--resume and --force contradict each other: --resume continues the run in --out, "
+                         "--force starts a new one over it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose a folder for {what}")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write into {existing} (permission denied or not a folder); "
+                         "choose a writable --out")
+    if not out.is_dir() or not any(out.iterdir()) or force:
+        return
+    if resume:
+        if not holds(out):
+            raise ValueError(f"--out {out} holds files but no {what} to resume: choose another --out (or pass "
+                             "--force to write into it anyway)")
+        if what == "a training run" and (out / "model.pt").is_file() and not list_checkpoints(out / "checkpoints"):
+            raise ValueError(f"--out {out} holds a finished run (model.pt) without checkpoints to resume from: "
+                             "--resume would train it again over model.pt; choose another --out, or pass --force")
+        return
+    found = f"holds {what}" if holds(out) else "is not empty"
+    raise ValueError(f"--out {out} {found}: pass --resume to continue it (finished runs are reused), --force to "
+                     "write over it, or choose another --out")
+
+
+def clear_checkpoints(run_dir) -> None:
+    """Delete the checkpoints of an earlier run in ``run_dir`` (``--force``), so the new run starts afresh."""
+    for path in list_checkpoints(Path(run_dir) / "checkpoints"):
+        path.unlink()
 
 
 def check_run_dir(args) -> None:
-    """``--resume`` needs ``--out``; an existing run in ``--out`` needs ``--resume`` (``maxup train``, ``maxup lm``)."""
+    """``--resume`` needs ``--out``; a non-empty ``--out`` needs ``--resume`` (a run there) or ``--force``
+    (``maxup train``, ``maxup lm``)."""
     if args.resume and not args.out:
         raise ValueError("--resume needs --out RUN_DIR (the run directory to continue)")
-    _refuse_overwrite(args.out, args.resume, "a training run")
+    check_out(args.out, resume=args.resume, force=getattr(args, "force", False), what="a training run")
+    if getattr(args, "force", False) and args.out:
+        clear_checkpoints(args.out)
 
 
 def comparison_specs(args, specs: list[str], normalise) -> list[str]:
     """The methods of ``maxup compare``, each through ``normalise`` (errors before any training), checked
     for repeats, with the seeds; refuses an ``--out`` that holds a comparison unless ``--resume``."""
-    if args.seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    if isinstance(args.seeds, bool) or not isinstance(args.seeds, int) or args.seeds < 1:
+        raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds!r}")
+    if not specs:
+        raise ValueError("--methods is empty: list at least one method spec, e.g. --methods erm,mixup")
     specs = [normalise(s) for s in specs]
     if len(set(specs)) != len(specs):
         raise ValueError(f"--methods lists a method twice: {specs}")
-    _refuse_overwrite(Path(args.out), args.resume or getattr(args, "report", False), "a comparison")
+    force = getattr(args, "force", False)
+    check_out(args.out, resume=args.resume or getattr(args, "report", False), force=force, what="a comparison", holds=_holds_comparison)
+    if force:
+        for spec in specs:
+            for seed in range(args.seeds):
+                clear_checkpoints(Path(args.out) / _slug(spec) / f"seed-{seed}")
     return specs
 
 
@@ -232,24 +334,83 @@ def _slug(spec: str) -> str:
     return "_".join(filter(None, keep.split("_")))
 
 
-def _load_suite(args) -> None:
+#: the type of each suite entry that is not a string: an argparse type, or bool / dict
+SUITE_TYPES = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "momentum": NON_NEGATIVE,
+               "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "max_grad_norm": POSITIVE,
+               "train_size": POSITIVE_INT, "val_size": NON_NEGATIVE, "test_size": POSITIVE_INT, "seeds": POSITIVE_INT,
+               "bptt": POSITIVE_INT, "train_tokens": POSITIVE_INT, "normalize": bool, "model_opt": dict}
+#: suite entries that may be null (their option's default is None)
+SUITE_NULLABLE = ("data_dir", "train_size", "test_size", "max_grad_norm", "amp", "device", "train_tokens")
+
+
+def read_yaml(path, what: str):
+    """A YAML file read safely (no tags that build objects), as UTF-8, refusing repeated keys; every
+    problem is a ValueError naming ``what`` (e.g. "--suite runs/s.yaml") and the fix."""
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"{what} repeats the key {', '.join(repeated)} (line {node.start_mark.line + 1}): "
+                             "give each key once")
+        return loader.construct_mapping(node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
     try:
-        suite = yaml.safe_load(Path(args.suite).read_text()) or {}
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} is not UTF-8 text (byte {err.start}): save it as UTF-8") from None
     except OSError as err:
-        raise ValueError(f"cannot read --suite {args.suite}: {err.strerror}") from None
+        raise ValueError(f"cannot read {what}: {err.strerror}") from None
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} is not valid YAML{line}: {problem}; maxup reads plain YAML (mappings, lists, "
+                         "numbers, strings; no tags)") from None
+
+
+def _suite_value(key: str, value, what: str):
+    """A suite entry checked like its command-line option."""
+    if value is None and key in SUITE_NULLABLE:
+        return None
+    kind = SUITE_TYPES.get(key, str)
+    if kind is bool or kind is dict or kind is str:
+        if not isinstance(value, kind):
+            name = {bool: "true or false", dict: "a mapping of options", str: "a string"}[kind]
+            raise ValueError(f"{key!r} in {what} must be {name}, got {value!r}")
+        return dict(value) if kind is dict else value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{key!r} in {what} must be a number, got {value!r}")
+    try:
+        return kind(value)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"{key!r} in {what}: {err}") from None
+
+
+def _load_suite(args) -> None:
+    what = f"--suite {args.suite}"
+    suite = read_yaml(args.suite, what)
     if not isinstance(suite, dict) or not isinstance(suite.get("methods"), list):
-        raise ValueError(f"--suite {args.suite} must be a YAML mapping with a list 'methods:' of method specs")
+        raise ValueError(f"{what} must be a YAML mapping with a list 'methods:' of method specs")
+    if not suite["methods"] or not all(isinstance(v, str) and v.strip() for v in suite["methods"]):
+        raise ValueError(f"'methods' in {what} must be a non-empty list of method specs (strings such as "
+                         f"'maxup(m=4)+cutout'), got {suite['methods']!r}")
     for key, value in suite.items():
-        key = key.replace("-", "_")
+        key = str(key).replace("-", "_")
         if key == "methods":
             if args.methods is None:
-                args.methods = [str(v) for v in value]
+                args.methods = list(value)
         elif key in RUN_KEYS or key in SUITE_KEYS:
-            setattr(args, key, dict(value) if key == "model_opt" else value)
+            setattr(args, key, _suite_value(key, value, what))
         else:
-            raise ValueError(f"unknown key {key!r} in --suite {args.suite}; valid keys: methods, "
+            raise ValueError(f"unknown key {key!r} in {what}; valid keys: methods, "
                              + ", ".join(SUITE_KEYS + RUN_KEYS))
 
 

@@ -7,8 +7,13 @@ batch on any device and the same seed gives the same draws everywhere.
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
+
+#: rounds of the gamma sampler's rejection loop before it gives up (each round tries 4 candidates per
+#: sample and accepts one with probability > 0.95, so 64 rounds fail with probability < 1e-300)
+MAX_REJECTION_ROUNDS = 64
 
 
 def _where(generator: torch.Generator | None, device) -> torch.device | None:
@@ -43,6 +48,9 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
     ``torch.distributions`` takes no generator, so this vectorised rejection sampler
     draws its normals and uniforms from ``generator``; the result is reproducible.
     """
+    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
+            or not math.isfinite(concentration) or concentration <= 0:
+        raise ValueError(f"concentration (the Beta/Gamma alpha) must be a finite number > 0, got {concentration!r}")
     n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     a = float(concentration)
     boost = a < 1.0
@@ -52,7 +60,9 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
     c = 1.0 / math.sqrt(9.0 * d)
     out = torch.empty(n, dtype=torch.float64, device=device)
     todo = torch.arange(n, device=device)
-    while todo.numel():
+    for _ in range(MAX_REJECTION_ROUNDS):
+        if not todo.numel():
+            break
         k = todo.numel()
         z = randn((k, 4), generator=generator, device=device, dtype=torch.float64)
         u = rand((k, 4), generator=generator, device=device, dtype=torch.float64)
@@ -62,6 +72,10 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
         accepted = ok.any(dim=1)
         out[todo[accepted]] = (d * v.gather(1, first[:, None]).squeeze(1))[accepted]
         todo = todo[~accepted]
+    else:
+        if todo.numel():
+            raise RuntimeError(f"the gamma sampler rejected every candidate for {todo.numel()} samples in "
+                               f"{MAX_REJECTION_ROUNDS} rounds (concentration={concentration!r})")
     if boost:
         u = rand((n,), generator=generator, device=device, dtype=torch.float64)
         out = out * u.pow(1.0 / concentration)

@@ -49,6 +49,12 @@ def resolve_device(device=None) -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0', "
                          f"got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use device 'cpu' (CLI: --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         device = torch.device("cuda", env_local_rank())
     return device
