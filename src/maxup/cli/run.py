@@ -17,7 +17,10 @@ from ..models import create_model, list_models
 from .._checks import check_int
 from ..train import fit, list_checkpoints
 
-DEFAULT_METHODS = ["erm", "cutout", "maxup(m=4)+cutout", "mixup", "cutmix", "maxup(m=4)+cutmix"]
+#: the main job's methods: two augmentations that suit 8x8 digits (a one-pixel shift, pixel noise), MaxUp over
+#: each, and Mixup
+DEFAULT_METHODS = ["erm", "cropflip(padding=1, flip=0)", "maxup(m=4)+cropflip(padding=1, flip=0)",
+                   "gaussian(sigma=0.5)", "maxup(m=4)+gaussian(sigma=0.5)", "mixup"]
 RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
             "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
             "max_grad_norm", "device")
