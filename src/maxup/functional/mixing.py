@@ -18,6 +18,8 @@ from . import _random as R
 
 def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
     """``value`` (float or (B,) tensor) as a (B,) tensor of ``like``'s dtype and device."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # filled on the device: no host copy
+        return torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if t.dim() == 0 or t.shape == (1,):
         return t.expand(batch)
@@ -122,6 +124,8 @@ def gaussian_noise(x: torch.Tensor, sigma, noise: torch.Tensor | None = None, *,
     """x + sigma * noise, noise ~ N(0, I) drawn from ``generator`` unless given; sigma float or (B,)."""
     if noise is None:
         noise = R.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(sigma, (int, float)):  # a Python number stays one (no tensor copied to the device)
+        return x + float(sigma) * noise
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.dim() == 1:
         sigma = _bcast(sigma, x)

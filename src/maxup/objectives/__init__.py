@@ -27,6 +27,8 @@ class ObjectiveResult:
     over the rows of ``inputs``; ``losses`` holds one training loss per original sample;
     ``logits``, ``inputs`` and ``targets`` are row-aligned (the chosen copies for MaxUp).
     ``mixing`` is the hidden-feature mixing the rows were forwarded with (Manifold Mixup), or None.
+    ``dense`` says, without reading ``weights``, that every row has a positive weight (so a second
+    pass keeps them all and never has to look: a host read on a GPU); False: it may hold zeros.
     """
 
     loss: torch.Tensor
@@ -36,6 +38,7 @@ class ObjectiveResult:
     targets: torch.Tensor
     weights: torch.Tensor
     mixing: HiddenMix | None = None
+    dense: bool = False
 
 
 class Objective:
@@ -48,14 +51,16 @@ class Objective:
     def reevaluate(model: nn.Module, result: ObjectiveResult) -> ObjectiveResult:
         """The same loss on the same rows, at the model's current weights (rows of weight 0 skipped,
         except under hidden mixing, where they may be partners), with the same hidden mixing."""
-        keep = result.weights > 0
         inputs, targets, weights = result.inputs, result.targets, result.weights
-        if result.mixing is None and not bool(keep.all()):
-            inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
+        dense = result.dense or result.mixing is not None
+        if not dense:
+            keep = weights > 0
+            if not bool(keep.all()):
+                inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
         with mix_hidden(model, result.mixing):
             logits = model(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none")
-        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights, result.mixing)
+        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights, result.mixing, dense)
 
     def state_dict(self) -> dict:
         return {}
@@ -68,10 +73,10 @@ def _plain(model, inputs, targets, mixing: HiddenMix | None = None) -> Objective
     with mix_hidden(model, mixing):
         logits = model(inputs)
     if not targets.is_floating_point() and targets.dim() == 1:  # class labels; token ids (B, T) stay ids
-        targets = soft_targets(targets, logits.shape[-1])
+        targets = soft_targets(targets, logits.shape[-1], check=False)  # checked where the data entered
     losses = soft_cross_entropy(logits, targets, reduction="none")
     weights = torch.full_like(losses, 1.0 / losses.shape[0]).detach()
-    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights, mixing)
+    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights, mixing, dense=True)
 
 
 def hidden_mixer(augment) -> ManifoldMixup | None:
@@ -214,7 +219,7 @@ class MaxUp(Objective):
             if copies[0][0].shape != x.shape:
                 raise ValueError(f"include_clean needs copies shaped like the inputs, but {self.augment!r} turns "
                                  f"{tuple(x.shape)} into {tuple(copies[0][0].shape)}: drop include_clean")
-            copies.append((x, soft_targets(y, t.shape[-1]).to(x.device) if t.is_floating_point() else y,
+            copies.append((x, soft_targets(y, t.shape[-1], check=False).to(x.device) if t.is_floating_point() else y,
                            None if plan is None else HiddenMix.identity(plan.points, x.shape[0], x.device)))
         plan = None if copies[0][2] is None else HiddenMix.stack([c[2] for c in copies])
         return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies]), plan

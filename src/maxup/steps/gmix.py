@@ -269,7 +269,7 @@ class GMix(SAM):
             logits = model(inputs)
             rows = soft_cross_entropy(logits, targets, reduction="none")
             weights = torch.full_like(rows, 1.0 / b).detach()
-            return ObjectiveResult(rows.mean(), rows, logits, inputs, targets, weights)
+            return ObjectiveResult(rows.mean(), rows, logits, inputs, targets, weights, dense=True)
         q = dgmix_weights(s).to(x0.dtype)
         lam, perm = self._draw(b, generator, x0.device)
         x_mix, t_mix = MF.mixup(x0, t0, lam, perm)

@@ -92,7 +92,8 @@ def draw_subnets(n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None, *
     """The ``(width, resolution)`` of each sub-network: the smallest width first, the others uniform in the range.
 
     Resolutions are drawn uniformly (with replacement) from ``resolutions``; ``None``
-    keeps the input as it is. Widths first, then resolutions, from ``generator``.
+    keeps the input as it is. Widths first, then resolutions, from ``generator`` (its
+    host generator for a :class:`maxup.functional._random.DeviceGenerator`: the host needs them).
 
     >>> draw_subnets(3, (0.8, 1.0), (32, 28, 24), generator=torch.Generator().manual_seed(0))
     [(0.8, 28), (0.994..., 24), (0.941..., 28)]
@@ -100,12 +101,12 @@ def draw_subnets(n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None, *
     n = check_int("n_subnets", n_subnets)
     lo, hi = check_width_range(width_range)
     res = _check_resolutions(resolutions)
-    u = R.rand((n - 1,), generator=generator, dtype=torch.float64)
-    widths = [lo] + [lo + (hi - lo) * float(v) for v in u]
+    u = R.host_rand(n - 1, generator=generator, dtype=torch.float64)  # host choices: from the host generator
+    widths = [lo] + [lo + (hi - lo) * v for v in u]
     if res is None:
         return [(w, None) for w in widths]
-    pick = R.randint(len(res), (n,), generator=generator)
-    return [(w, res[int(i)]) for w, i in zip(widths, pick)]
+    pick = R.host_randint(len(res), n, generator=generator)
+    return [(w, res[i]) for w, i in zip(widths, pick)]
 
 
 def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -225,9 +226,10 @@ class GradAug(SAM):
     def _distill(self, model, result: ObjectiveResult, sync: bool) -> None:
         """Forward and backward of every sub-network on ``result``'s rows, distilled towards its logits."""
         inputs, teacher, weights = result.inputs, result.logits.detach(), result.weights.detach()
-        keep = weights > 0
-        if result.mixing is None and not bool(keep.all()):  # under hidden mixing the rows may be partners: keep all
-            inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
+        if result.mixing is None and not result.dense:  # under hidden mixing the rows may be partners: keep all
+            keep = weights > 0
+            if not bool(keep.all()):
+                inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
         net = _unwrap(model)
         last = len(self.last_subnets) - 1
         for i, (width, resolution) in enumerate(self.last_subnets):

@@ -65,7 +65,8 @@ def _merge(results: list[ObjectiveResult]) -> ObjectiveResult:
         return results[0]
     cat = lambda name: torch.cat([getattr(r, name).detach() for r in results])  # noqa: E731
     loss = torch.stack([r.loss.detach() for r in results]).sum()
-    return ObjectiveResult(loss, cat("losses"), cat("logits"), cat("inputs"), cat("targets"), cat("weights"))
+    return ObjectiveResult(loss, cat("losses"), cat("logits"), cat("inputs"), cat("targets"), cat("weights"),
+                           dense=all(r.dense for r in results))
 
 
 class SAM(Step):

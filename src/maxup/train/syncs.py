@@ -26,6 +26,8 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..functional._random import in_host_draw
+
 __all__ = ["HostSyncCounter", "count_step_syncs"]
 
 _ALWAYS = {
@@ -81,6 +83,8 @@ class HostSyncCounter(TorchDispatchMode):
         self._saved = {}
 
     def _hit(self, kind: str, name: str) -> None:
+        if in_host_draw():  # values drawn on the CPU for a host-side choice: no device to wait for
+            return
         if kind == "read":
             self.reads += 1
         else:
