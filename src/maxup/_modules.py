@@ -33,6 +33,14 @@ def uncompiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def local(model: nn.Module) -> nn.Module:
+    """``model`` without its outer DDP / DataParallel wrappers (a compiled net inside stays compiled): for
+    forwards that need no gradient synchronisation, such as MaxUp's selection pass (no buffer broadcast)."""
+    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def ddp(model: nn.Module) -> DistributedDataParallel | None:
     """The DistributedDataParallel wrapper in ``model``'s wrappers, or None."""
     while True:
@@ -54,4 +62,4 @@ def strip_compile_prefix(state: dict) -> dict:
     return type(state)((k[len(prefix):], v) for k, v in state.items())
 
 
-__all__ = ["ddp", "strip_compile_prefix", "uncompiled", "unwrap"]
+__all__ = ["ddp", "local", "strip_compile_prefix", "uncompiled", "unwrap"]

@@ -246,7 +246,7 @@ def certify(args) -> list[dict]:
     if not args.resume and ((out / "certify.json").exists() or any(p.exists() for p in logs)):
         raise ValueError(f"--out {out} already holds certification results: pass --resume to continue them, "
                          "or choose another --out")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, name="--device")
     radii = args.radii or default_radii(sigmas)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     rows = []

@@ -14,11 +14,12 @@ from .. import methods as M
 from ..data import list_datasets, load_dataset
 from ..models import create_model, list_models
 from ..train import fit
+from ..train.distributed import resolve_device
 
 DEFAULT_METHODS = ["erm", "cutout", "maxup(m=4)+cutout", "mixup", "cutmix", "maxup(m=4)+cutmix"]
 RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
             "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
-            "max_grad_norm", "device")
+            "max_grad_norm", "device", "compile", "channels_last", "tf32")
 
 
 #: suite keys beside RUN_KEYS: the seeds, and the language-modelling task's (``maxup compare --task lm``)
@@ -69,6 +70,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")
     add_optim_options(p)
+    g = p.add_argument_group("speed (GPU)")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor; e.g. --compile aot_eager to debug)")
+    g.add_argument("--channels-last", action="store_true", help="model and images in channels-last memory format")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on CUDA, keep fp32 matrix multiplies and convolutions in full IEEE precision (default: TF32)")
 
 
 def add_run_dir_options(p: argparse.ArgumentParser) -> None:
@@ -110,6 +117,7 @@ def _config(args, method: str, seed: int) -> dict:
 def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, splits=None) -> list[dict]:
     """Train one configuration (the keys of :data:`RUN_KEYS` plus ``method`` and ``seed``); returns the history."""
     seed = config["seed"]
+    resolve_device(config["device"], name="--device")  # a wrong --device fails before the data is loaded
     if splits is None:
         splits = load_dataset(config["dataset"], data_dir=config["data_dir"], val_size=config["val_size"],
                               train_size=config["train_size"], test_size=config["test_size"],
@@ -122,7 +130,8 @@ def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, spli
                momentum=config["momentum"], weight_decay=config["weight_decay"],
                warmup_epochs=config["warmup_epochs"], seed=seed, device=config["device"], out_dir=out_dir,
                amp=config["amp"], max_grad_norm=config["max_grad_norm"], num_classes=splits.num_classes,
-               progress=progress, resume=resume, config=config)
+               progress=progress, resume=resume, config=config, compile=config.get("compile", False),
+               channels_last=config.get("channels_last", False), tf32=config.get("tf32", True))
 
 
 def _is_main() -> bool:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_int_tuple, check_positive
+from .._modules import uncompiled
 from ..functional import _random as R
 from ..functional.manifold import mix_hidden
 from ..objectives import Objective, ObjectiveResult
@@ -235,8 +236,8 @@ class GradAug(SAM):
         for i, (width, resolution) in enumerate(self.last_subnets):
             with _sync(model, sync and i == last), set_width(net, width), _batch_statistics(net), \
                     mix_hidden(net, result.mixing):
-                with self.autocast(inputs):
-                    logits = model(resize(inputs, resolution))
+                with self.autocast(inputs):  # sliced widths change the forward's structure: never compiled
+                    logits = uncompiled(model)(resize(inputs, resolution))
                 if logits.shape != teacher.shape:
                     raise ValueError(f"a sub-network's output has shape {tuple(logits.shape)} but the full network's "
                                      f"{tuple(teacher.shape)}: its classifier was sliced; name the classifier with "
