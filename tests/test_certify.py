@@ -268,13 +268,14 @@ def test_certify_sigma_option_and_radii(runs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--sigma", "0"], "--sigma must be > 0"),
-    (["--sigma", "-1"], "--sigma must be > 0"),
-    (["--n", "0"], "--n must be >= 1"),
-    (["--n0", "0"], "--n0 must be >= 1"),
+    (["--sigma", "0"], "argument --sigma: must be a finite number > 0"),
+    (["--sigma", "-1"], "argument --sigma: must be a finite number > 0"),
+    (["--sigma", "inf"], "argument --sigma: must be a finite number > 0"),
+    (["--n", "0"], "argument --n: must be an integer >= 1"),
+    (["--n0", "0"], "argument --n0: must be an integer >= 1"),
     (["--alpha", "0"], "--alpha must lie strictly between 0 and 1"),
     (["--alpha", "1"], "--alpha"),
-    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "0"], "argument --limit: must be an integer >= 1"),
 ])
 def test_certify_bad_options_are_clear_errors(runs, tmp_path, capsys, args, message):
     assert main(["certify", str(runs / "gauss"), "--out", str(tmp_path / "x"), *CERT, *args]) == 2
@@ -319,3 +320,36 @@ def test_help_lists_the_certify_options(capsys):
     text = capsys.readouterr().out
     for option in ("--sigma", "--n0", "--n ", "--alpha", "--limit", "--batch-size", "--out", "--resume", "--progress"):
         assert option in text
+
+
+# ------------------------------------------------------------------------------------------ issue 20: NaN abstains
+
+
+class NaNModel(nn.Module):
+    """Logits NaN wherever ``bad(x)`` holds (per row), else class 1 with a wide margin."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.bad = bad
+
+    def forward(self, x):
+        out = torch.tensor([0.0, 10.0]).expand(x.shape[0], 2).clone() + self.w
+        out[self.bad(x)] = float("nan")
+        return out
+
+
+def test_nan_input_or_nan_outputs_abstain():
+    x = torch.zeros(3)
+    always = Smooth(NaNModel(lambda b: torch.ones(b.shape[0], dtype=torch.bool)), 2, 0.25)
+    assert always.certify(x, 10, 100, 0.01, generator=gen()) == (ABSTAIN, 0.0)
+    assert always.predict(x, 100, 0.01, generator=gen()) == ABSTAIN
+    never = Smooth(NaNModel(lambda b: torch.zeros(b.shape[0], dtype=torch.bool)), 2, 0.25)
+    assert never.certify(x, 10, 100, 0.01, generator=gen())[0] == 1
+    assert never.certify(torch.tensor([0.0, float("nan"), 0.0]), 10, 100, 0.01, generator=gen()) == (ABSTAIN, 0.0)
+    assert never.predict(torch.full((3,), float("inf")), 100, 0.01, generator=gen()) == ABSTAIN
+    # NaN outputs on part of the noise count against the top class: the radius shrinks, never grows
+    half = Smooth(NaNModel(lambda b: b[:, 0] > 0), 2, 0.25)
+    label, radius = half.certify(x, 10, 1000, 0.01, generator=gen())
+    assert label == ABSTAIN and radius == 0.0  # about half the votes are NaN: p_A <= 1/2
+    assert int(half.sample(x, 1000, generator=gen()).sum()) < 1000

@@ -267,10 +267,9 @@ def test_folder_grayscale_and_auto_test_split(tmp_path):
 
 
 def test_folder_mixed_gray_rgb_gives_rgb(tmp_path):
-    save_png(tmp_path / "a" / "0.png", np.full((2, 2), 7, np.uint8))
-    save_png(tmp_path / "b" / "0.png", np.full((2, 2, 3), 9, np.uint8))
-    save_png(tmp_path / "a" / "1.png", np.full((2, 2), 7, np.uint8))
-    save_png(tmp_path / "b" / "1.png", np.full((2, 2, 3), 9, np.uint8))
+    for i in range(5):  # 5 per class: the 20% test split holds one of each
+        save_png(tmp_path / "a" / f"{i}.png", np.full((2, 2), 7, np.uint8))
+        save_png(tmp_path / "b" / f"{i}.png", np.full((2, 2, 3), 9, np.uint8))
     d = load_dataset("folder", data_dir=tmp_path, normalize=False)
     assert d.input_shape == (3, 2, 2)
     allx = torch.cat([d.train.x, d.test.x]) * 255
@@ -509,3 +508,48 @@ def test_loader_through_real_splits():
     ld = Loader(d.train, batch_size=64, seed=0)
     seen = sum(len(y) for _, y in ld)
     assert seen == 200 and len(ld) == 4
+
+
+# --------------------------------------------------------------------------- issue 20: data a classifier cannot use
+
+
+def test_folder_with_one_class_or_a_class_without_test_images_is_refused(tmp_path):
+    for i in range(5):
+        save_png(tmp_path / "one" / "a" / f"{i}.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"one class subfolder \(a\).*at least 2 classes"):
+        load_dataset("folder", data_dir=tmp_path / "one")
+    for i in range(5):
+        save_png(tmp_path / "split" / "train" / "a" / f"{i}.png", np.zeros((4, 4), np.uint8))
+        save_png(tmp_path / "split" / "train" / "b" / f"{i}.png", np.ones((4, 4), np.uint8))
+    save_png(tmp_path / "split" / "test" / "a" / "0.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(ValueError, match=r"class b has no test image"):
+        load_dataset("folder", data_dir=tmp_path / "split")
+
+
+def test_folder_refuses_images_deeper_than_8_bits(tmp_path):
+    from PIL import Image
+
+    for i in range(5):
+        save_png(tmp_path / "a" / f"{i}.png", np.zeros((4, 4), np.uint8))
+        save_png(tmp_path / "b" / f"{i}.png", np.ones((4, 4), np.uint8))
+    Image.fromarray(np.full((4, 4), 60000, np.uint16)).save(tmp_path / "b" / "deep.png")
+    with pytest.raises(ValueError, match=r"deep\.png has mode I;16"):
+        load_dataset("folder", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("names", [7, [b"a"] * 3, [1] * 10])
+def test_malformed_cifar_metadata_is_a_clear_error(tmp_path, names):
+    write_cifar10(tmp_path / "c", meta=False)
+    (tmp_path / "c" / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=2))
+    with pytest.raises(ValueError, match=r"batches\.meta: b'label_names' must be a list of 10 class names"):
+        load_dataset("cifar10", data_dir=tmp_path / "c")
+
+
+def test_corpus_that_is_not_utf8_names_the_file(tmp_path):
+    from maxup.data.text import read_corpus
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / f"{split}.txt").write_text("a b c\n")
+    (tmp_path / "valid.txt").write_bytes(b"a \xff b\n")
+    with pytest.raises(ValueError, match=r"valid\.txt is not UTF-8"):
+        read_corpus(tmp_path)

@@ -360,7 +360,7 @@ def test_lm_corpus_command_and_kjv_on_first_use(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["lm", "--corpus", "/nonexistent/corpus"], "does not exist"),
-    (["lm", "--bptt", "0"], "bptt must be an integer >= 1"),
+    (["lm", "--bptt", "0"], "argument --bptt: must be an integer >= 1"),
     (["lm", "--method", "maxup+cutout"], "cutout works on images"),
     (["lm", "--method", "maxup(m=4)"], "MaxUp needs a random augmentation"),
     (["lm", "--method", "gradaug+word_dropout"], "gradaug is not available for language models"),

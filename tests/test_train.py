@@ -276,8 +276,13 @@ def test_corrupt_checkpoint_raises_checkpoint_error(tmp_path):
 
     newest.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="epoch-0002.pt") as info:
-        make_trainer(tmp_path, epochs=3).fit(resume=True)
-    assert "Delete" in str(info.value) and "epoch-0001.pt" in str(info.value)
+        load_checkpoint(newest)
+    assert "previous checkpoint is epoch-0001.pt" in str(info.value)
+    only = tmp_path / "only"
+    make_trainer(only, epochs=1).fit()
+    (only / "checkpoints" / "epoch-0001.pt").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="epoch-0001.pt.*Delete"):  # no earlier one to fall back to
+        make_trainer(only, epochs=3).fit(resume=True)
 
     newest.write_bytes(b"this is not a checkpoint" * 10)  # garbage
     with pytest.raises(CheckpointError, match="epoch-0002.pt"):
@@ -473,3 +478,175 @@ def test_two_process_ddp_on_gloo(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["world_size"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
     assert len(load_checkpoint(out / "checkpoints" / "epoch-0002.pt")["rng"]) == 2
+
+
+# --------------------------------------------------------------------------- issue 20: what a resume and a checkpoint promise
+
+
+def test_resume_with_other_settings_is_refused_and_more_epochs_are_recorded(tmp_path):
+    make_trainer(tmp_path, epochs=2, config={"lr": 0.1, "dataset": "blobs", "data_dir": "a"}).fit()
+    with pytest.raises(ValueError, match=r"lr 0\.1 -> 0\.2, seed 3 -> 4") as info:
+        make_trainer(tmp_path, epochs=2, seed=4, config={"lr": 0.2, "dataset": "blobs", "data_dir": "a"}).fit(resume=True)
+    assert "config.yaml" in str(info.value)
+    with pytest.raises(ValueError, match=r"dataset 'blobs' -> 'other'"):
+        make_trainer(tmp_path, epochs=2, config={"lr": 0.1, "dataset": "other"}).fit(resume=True)
+    with pytest.raises(ValueError, match=r"batch_size 32 -> 16"):
+        make_trainer(tmp_path, epochs=2, batch_size=16, config={"lr": 0.1, "dataset": "blobs"}).fit(resume=True)
+    with pytest.raises(ValueError, match=r"epochs '2 trained' -> 1"):
+        make_trainer(tmp_path, epochs=1, config={"lr": 0.1, "dataset": "blobs"}).fit(resume=True)
+    # more epochs and another data location may change; the change is recorded in config.yaml
+    history = make_trainer(tmp_path, epochs=3, config={"lr": 0.1, "dataset": "blobs", "data_dir": "b"}).fit(resume=True)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["resumed"] == [{"after_epoch": 2, "epochs": [2, 3]}] and config["data_dir"] == "b"
+    assert load_checkpoint(tmp_path / "checkpoints" / "epoch-0003.pt")["meta"]["resumes"] == config["resumed"]
+
+
+def test_flipped_tensor_byte_fails_the_checksum_and_resume_falls_back_with_a_message(tmp_path):
+    make_trainer(tmp_path, epochs=2).fit()
+    newest = tmp_path / "checkpoints" / "epoch-0002.pt"
+    weight = load_checkpoint(newest)["model"]["net.1.weight"]
+    data = bytearray(newest.read_bytes())
+    at = data.find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10  # one bit of one weight
+    newest.write_bytes(bytes(data))
+    assert not torch.equal(torch.load(newest, weights_only=True)["model"]["net.1.weight"], weight)  # torch loads it
+    with pytest.raises(CheckpointError, match=r"epoch-0002.pt is corrupt: its content does not match its checksum"):
+        load_checkpoint(newest)
+    with pytest.warns(UserWarning, match=r"epoch-0002.pt is corrupt.*previous good checkpoint epoch-0001.pt"):
+        history = make_trainer(tmp_path, epochs=2).fit(resume=True)
+    assert untimed(history) == untimed(make_trainer(tmp_path / "whole", epochs=2).fit())
+    assert load_checkpoint(newest)["epoch"] == 2  # written again, whole
+
+
+def test_checkpoint_fields_of_the_wrong_type_name_the_field(tmp_path):
+    make_trainer(tmp_path, epochs=1).fit()
+    path = tmp_path / "checkpoints" / "epoch-0001.pt"
+    state = torch.load(path, weights_only=True)
+    state.pop("checksum")
+    state["epoch"] = "one"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"entry 'epoch' must be an int >= 0, found str 'one'"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_error_keeps_torchs_whole_message(tmp_path, monkeypatch):
+    path = tmp_path / "epoch-0001.pt"
+    path.write_bytes(b"x")
+    long = "first line\n" + "word " * 100 + "THE END"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(long)
+
+    monkeypatch.setattr(torch, "load", broken)
+    with pytest.raises(CheckpointError, match="THE END"):
+        load_checkpoint(path)
+
+
+class BNBlowsUp(nn.Module):
+    """A BatchNorm model whose running variance becomes inf in epoch ``n`` while the training loss stays finite."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+        self.lin = nn.Linear(16, 2)
+        self.n, self.calls = n, 0
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            if self.calls == 2 * self.n - 1:  # 2 steps per epoch
+                x = x * 1e30  # the batch statistics overflow; in training mode the output stays normalised
+        return self.lin(self.bn(x))
+
+
+def test_nonfinite_batchnorm_statistics_are_never_saved_as_good(tmp_path):
+    torch.manual_seed(0)
+    model = BNBlowsUp(3)
+    opt = make_optimizer(model, lr=0.1)
+    step = build_step("erm", model=model, optimizer=opt, num_classes=2)
+    trainer = Trainer(model, step, blobs(32), test=blobs(10, seed=1), epochs=4, batch_size=32, out_dir=tmp_path,
+                      num_classes=2, progress=False, device="cpu")
+    with pytest.raises(NonFiniteLossError, match=r"epoch 3 holds non-finite values \(model.bn.running_var") as info:
+        trainer.fit()
+    assert "last good checkpoint" in str(info.value) and "epoch-0002.pt" in str(info.value)
+    assert "model.bn.running_var" in info.value.names
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0001.pt", "epoch-0002.pt"]
+
+
+def test_the_last_good_checkpoint_is_the_last_finite_one(tmp_path):
+    from maxup.train import last_good_checkpoint
+
+    make_trainer(tmp_path, epochs=2).fit()
+    newest = tmp_path / "checkpoints" / "epoch-0002.pt"
+    state = torch.load(newest, weights_only=True)
+    state["history"][-1]["test_loss"] = float("nan")  # written by a version without the check
+    save_checkpoint(state, newest)
+    assert last_good_checkpoint(tmp_path / "checkpoints").name == "epoch-0001.pt"
+    with pytest.warns(UserWarning, match=r"history\[epoch 2\].test_loss.*epoch-0001.pt"):
+        make_trainer(tmp_path, epochs=2).fit(resume=True)
+
+
+def test_disk_full_names_the_file_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import maxup.train.checkpoint as C
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(C.os, "fsync", full)
+    with pytest.raises(CheckpointError, match=r"epoch-0001.pt: no space left on device"):
+        save_checkpoint({"epoch": 1}, tmp_path / "epoch-0001.pt")
+    with pytest.raises(OSError) as info:
+        C.atomic_write_text(tmp_path / "metrics.csv", "a,b\n")
+    assert info.value.filename == str(tmp_path / "metrics.csv") and info.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+KILLED_IN_WRITE = """
+import sys, time, torch
+torch.set_num_threads({threads})
+import maxup.train.checkpoint as C
+from test_train import make_trainer
+real, calls = C.torch.save, []
+
+def slow_save(obj, f, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint: write half of it, then hang until killed
+        f.write(b"half a checkpoint" * 1000)
+        f.flush()
+        open({marker!r}, "w").close()
+        time.sleep(120)
+    return real(obj, f, *args, **kwargs)
+
+C.torch.save = slow_save
+make_trainer({out!r}).fit()
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_the_checkpoint_write_loses_nothing(tmp_path):
+    killed, marker = tmp_path / "killed", tmp_path / "writing"
+    script = KILLED_IN_WRITE.format(threads=torch.get_num_threads(), out=str(killed), marker=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"training script exited early:\n{proc.stdout.read().decode()}")
+            assert time.monotonic() < deadline, "the checkpoint write did not start within 60 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    names = sorted(p.name for p in (killed / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith(".epoch-0002.pt.") and names[1] == "epoch-0001.pt"
+    assert load_checkpoint(killed / "checkpoints" / "epoch-0001.pt")["epoch"] == 1
+    history = make_trainer(killed).fit(resume=True)
+    assert untimed(history) == untimed(make_trainer(tmp_path / "whole").fit())
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch-0003.pt", "epoch-0004.pt"]

@@ -8,12 +8,22 @@ from numbers import Real
 import torch
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
+def check_positive(name: str, value, *, allow_zero: bool = False, allow_inf: bool = False) -> float:
+    """``value`` as a float > 0 (>= 0 with ``allow_zero``), finite unless ``allow_inf``."""
     if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound}, got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value) -> float:
+    """``value`` as a finite float (not NaN, not infinite)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 

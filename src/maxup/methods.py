@@ -112,13 +112,19 @@ def parse(spec: str) -> list[Term]:
     for raw in (p.strip() for p in parts):
         try:
             node = ast.parse(raw if "(" in raw else raw + "()", mode="eval").body
-            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args \
+                    or any(kw.arg is None for kw in node.keywords):
                 raise SyntaxError
         except SyntaxError:
             raise ValueError(f"cannot parse method term {raw!r} in {spec!r}: write name or name(key=value, ...)") from None
         name = node.func.id.lower()
         if name not in REGISTRY:
             raise ValueError(f"unknown method {name!r} in {spec!r}; valid methods: {', '.join(sorted(REGISTRY))}")
+        keys = [kw.arg for kw in node.keywords]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"method term {raw!r} in {spec!r} gives {', '.join(repeated)} more than once: "
+                             "give each argument once")
         kwargs = {kw.arg: _value(kw.value, raw) for kw in node.keywords}
         valid = REGISTRY[name].options()
         for key in kwargs:

@@ -13,6 +13,7 @@ Inputs are never edited in place; any device works, and so does a DataLoader
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -109,10 +110,15 @@ class Cutout(Augmentation):
                  p: float = 1.0):
         super().__init__(num_classes=num_classes, p=p)
         self.size = None if size is None else _pair("size", size)
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)) or not math.isfinite(fill):
+            raise ValueError(f"fill must be a finite number (the value of the cut-out pixels), got {fill!r}")
         self.fill = float(fill)
 
     def apply(self, x, t, generator):
         n, (h, w) = x.shape[0], x.shape[-2:]
+        if self.size is not None and (self.size[0] > h or self.size[1] > w):
+            raise ValueError(f"Cutout size {self.size} is larger than the {h}x{w} images: every image would be "
+                             f"blanked; choose a size of at most ({h}, {w}) (default: half of each side)")
         size = self.size or (h // 2, w // 2)
         boxes = MF.sample_cutout_boxes(n, size, h, w, generator=generator, device=x.device)
         boxes = boxes * self._applied(n, generator, x.device)[:, None]
@@ -137,7 +143,10 @@ class RandomCropFlip(Augmentation):
         self.padding_mode = padding_mode
 
     def apply(self, x, t, generator):
-        n = x.shape[0]
+        n, (h, w) = x.shape[0], x.shape[-2:]
+        if self.padding >= min(h, w):
+            raise ValueError(f"RandomCropFlip padding={self.padding} is not smaller than the {h}x{w} images: a crop "
+                             f"could hold no image at all; choose padding < {min(h, w)}")
         applied = self._applied(n, generator, x.device)
         offsets = R.randint(2 * self.padding + 1, (n, 2), generator=generator, device=x.device)
         offsets = torch.where(applied[:, None], offsets, torch.full_like(offsets, self.padding))

@@ -5,6 +5,8 @@ Built on :mod:`maxup.functional.soft`; called like every augmentation,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import functional as MF
@@ -13,6 +15,10 @@ from ..functional import _random as R
 from . import Augmentation, _Mixing
 
 __all__ = ["LUMix", "LabelSmoothing", "SoftAugmentation"]
+
+#: the largest shift spread of SoftAugmentation (image sides), and the redraws of a shift that leaves the image
+MAX_SIGMA = 10.0
+MAX_REDRAWS = 1000
 
 
 class LabelSmoothing(Augmentation):
@@ -73,13 +79,18 @@ class SoftAugmentation(Augmentation):
             raise ValueError(f"transform must be 'crop' or 'cutout', got {transform!r}")
         self.transform = transform
         self.sigma = check_positive("sigma", sigma)
+        if self.sigma > MAX_SIGMA:
+            raise ValueError(f"sigma must be at most {MAX_SIGMA} (the shift's spread in image sides; the paper uses "
+                             f"0.3125), got {sigma!r}")
         self.power = check_positive("power", power)
         self.threshold = check_probability("threshold", threshold)
         if self.threshold == 0:
             raise ValueError("threshold must be in (0, 1]: the visible fraction from which targets stay at p_max")
         self.p_max = check_probability("p_max", p_max)
-        if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))):
-            raise ValueError(f"fill must be a number or None (one N(0, 1) value per sample and channel), got {fill!r}")
+        if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))
+                                 or not math.isfinite(fill)):
+            raise ValueError(f"fill must be a finite number or None (one N(0, 1) value per sample and channel), "
+                             f"got {fill!r}")
         self.fill = None if fill is None else float(fill)
         if not isinstance(reweight, bool):
             raise ValueError(f"reweight must be True or False, got {reweight!r}")
@@ -93,9 +104,13 @@ class SoftAugmentation(Augmentation):
         side = torch.tensor([h, w], dtype=torch.float32, device=device)
         z = R.randn((n, 2), generator=generator, device=device) * self.sigma * side
         bad = z.abs() > side
-        while bool(bad.any()):
+        for _ in range(MAX_REDRAWS):  # sigma <= MAX_SIGMA: a redraw fits with probability > 0.07
+            if not bool(bad.any()):
+                break
             z = torch.where(bad, R.randn((n, 2), generator=generator, device=device) * self.sigma * side, z)
             bad = z.abs() > side
+        else:
+            z = torch.maximum(torch.minimum(z, side), -side)  # only reached with probability < 1e-30
         return z.trunc().long()
 
     def apply(self, x, t, generator):

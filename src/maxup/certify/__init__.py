@@ -122,20 +122,26 @@ def predict_from_counts(counts, alpha: float) -> int:
     return int(order[0])
 
 
-def certify_from_counts(counts0, counts, sigma: float, alpha: float) -> tuple[int, float]:
+def certify_from_counts(counts0, counts, sigma: float, alpha: float, n: int | None = None) -> tuple[int, float]:
     """(class, L2 radius) from the selection counts ``counts0`` and the estimation counts ``counts``.
 
     The class is the top class of ``counts0``; p_A is the Clopper-Pearson lower bound on its
-    share of ``counts``; the radius is ``sigma * Phi^-1(p_A)``, or ``(ABSTAIN, 0.0)`` when
-    p_A <= 1/2.
+    share of the ``n`` estimation samples (default: ``counts.sum()``; pass the number drawn when
+    some samples gave no class, e.g. non-finite outputs, so that they count against p_A); the
+    radius is ``sigma * Phi^-1(p_A)``, or ``(ABSTAIN, 0.0)`` when p_A <= 1/2 or ``counts0`` is empty.
     """
     sigma = check_positive("sigma", sigma)
     counts0, counts = torch.as_tensor(counts0).cpu().long(), torch.as_tensor(counts).cpu().long()
     if counts0.shape != counts.shape or counts.dim() != 1:
         raise ValueError(f"counts0 and counts must be 1-D class counts of one shape, got {tuple(counts0.shape)} "
                          f"and {tuple(counts.shape)}")
+    n = int(counts.sum()) if n is None else check_int("n", n)
+    if n < int(counts.sum()):
+        raise ValueError(f"n={n} is smaller than the {int(counts.sum())} samples counted")
+    if int(counts0.sum()) == 0 or n == 0:  # no sample gave a class (e.g. every output was NaN)
+        return ABSTAIN, 0.0
     top = int(torch.argmax(counts0))
-    p_lower = clopper_pearson_lower(int(counts[top]), int(counts.sum()), alpha)
+    p_lower = clopper_pearson_lower(int(counts[top]), n, alpha)
     if p_lower <= 0.5:
         return ABSTAIN, 0.0
     return top, sigma * NormalDist().inv_cdf(p_lower)
@@ -149,7 +155,8 @@ def sample_counts(model: nn.Module, x: torch.Tensor, n: int, sigma: float, *, nu
     """How often ``model`` predicts each class on ``n`` noisy copies ``x + sigma * e``, e ~ N(0, I).
 
     ``x`` is one example without the batch dimension. Returns int64 counts of shape
-    ``(num_classes,)`` on the CPU. The noise is drawn on the generator's device (the model's
+    ``(num_classes,)`` on the CPU; a sample whose logits are not all finite counts for no class
+    (the counts then sum to less than ``n``). The noise is drawn on the generator's device (the model's
     device when ``generator`` is None, from torch's default generator there), in chunks of
     :data:`NOISE_CHUNK` samples, written in place into one buffer, and the counts stay on the
     device until the end. A forward pass holds at most ``batch_size`` rows (whole chunks when
@@ -190,7 +197,9 @@ def sample_counts(model: nn.Module, x: torch.Tensor, n: int, sigma: float, *, nu
                         raise ValueError(f"the model outputs shape {tuple(logits.shape)} for a batch of "
                                          f"{min(batch_size, len(batch))}, but num_classes={num_classes}: pass the "
                                          "number of logits the model outputs (a (B, num_classes) tensor)")
-                    counts += torch.bincount(logits.argmax(1), minlength=num_classes)
+                    finite = torch.isfinite(logits).all(1)  # NaN/inf logits vote for no class
+                    counts += torch.bincount(logits.argmax(1), weights=finite.to(torch.float64),
+                                             minlength=num_classes).long()
                 done += len(batch)
     finally:
         model.train(training)
@@ -229,20 +238,29 @@ class Smooth:
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 1000, *,
                 generator: torch.Generator | None = None) -> int:
         """PREDICT: the top class over ``n`` noisy samples, or ABSTAIN when the top two classes are not
-        separated by a two-sided binomial test at level ``alpha`` (wrong with probability <= alpha)."""
+        separated by a two-sided binomial test at level ``alpha`` (wrong with probability <= alpha).
+        A non-finite ``x``, or noisy copies on which the model gives no finite output, abstain."""
         alpha = _check_alpha(alpha)
-        return predict_from_counts(self.sample(x, n, batch_size, generator=generator), alpha)
+        if not bool(torch.isfinite(_check_example(x)).all()):
+            return ABSTAIN
+        counts = self.sample(x, n, batch_size, generator=generator)
+        if int(counts.sum()) == 0:
+            return ABSTAIN
+        return predict_from_counts(counts, alpha)
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int = 1000, *,
                 generator: torch.Generator | None = None) -> tuple[int, float]:
         """CERTIFY: ``n0`` samples pick the class, ``n`` more bound its probability from below at level
-        ``alpha``; returns ``(class, sigma * Phi^-1(p_A))`` or ``(ABSTAIN, 0.0)`` when p_A <= 1/2."""
+        ``alpha``; returns ``(class, sigma * Phi^-1(p_A))`` or ``(ABSTAIN, 0.0)`` when p_A <= 1/2.
+        A non-finite ``x`` abstains; noisy copies with non-finite outputs count against p_A."""
         check_int("n0", n0)
         check_int("n", n)
         alpha = _check_alpha(alpha)
+        if not bool(torch.isfinite(_check_example(x)).all()):
+            return ABSTAIN, 0.0
         counts0 = self.sample(x, n0, batch_size, generator=generator)
         counts = self.sample(x, n, batch_size, generator=generator)
-        return certify_from_counts(counts0, counts, self.sigma, alpha)
+        return certify_from_counts(counts0, counts, self.sigma, alpha, n=n)
 
 
 # ------------------------------------------------------------------------------------------ many points

@@ -24,6 +24,7 @@ from ..data import load_dataset
 from ..models import create_model
 from ..train.checkpoint import atomic_write_text, list_checkpoints
 from ..train.distributed import resolve_device
+from .run import COUNT, POSITIVE, POSITIVE_INT, add_force_option, check_out, read_yaml
 
 RADIUS_STEP = 0.25
 POINTS_DIR = "points"
@@ -46,22 +47,23 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "abstain rate and the time per example, and write certify.csv, certify.json and "
                                    "certify.png into --out. Noise and radii are in the units of the model's input.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by maxup train")
-    p.add_argument("--sigma", type=float, default=None,
+    p.add_argument("--sigma", type=POSITIVE, default=None,
                    help="noise level in the model's input units (default: the sigma of each run's gaussian term)")
-    p.add_argument("--n", type=int, default=10_000, help="noise samples that bound p_A (default: 10000)")
-    p.add_argument("--n0", type=int, default=100, help="noise samples that pick the class (default: 100)")
+    p.add_argument("--n", type=POSITIVE_INT, default=10_000, help="noise samples that bound p_A (default: 10000)")
+    p.add_argument("--n0", type=POSITIVE_INT, default=100, help="noise samples that pick the class (default: 100)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default: 0.001)")
-    p.add_argument("--limit", type=int, default=500, help="certify the first N test images (default: 500)")
-    p.add_argument("--batch-size", type=int, default=1000,
+    p.add_argument("--limit", type=POSITIVE_INT, default=500, help="certify the first N test images (default: 500)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=1000,
                    help="noisy copies per forward pass; results do not depend on it (default: 1000)")
     p.add_argument("--radii", type=_radii_arg, default=None,
                    help="comma-separated radii for the table (default: 0, 0.25, ... up to max(1, 4 sigma))")
-    p.add_argument("--seed", type=int, default=0, help="noise seed; each test point has its own stream (default: 0)")
+    p.add_argument("--seed", type=COUNT, default=0, help="noise seed; each test point has its own stream (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--data-dir", default=None, help="where the dataset files are, if not where the run read them")
     p.add_argument("--out", default="runs/certify", help="output directory (default: runs/certify)")
     p.add_argument("--resume", action="store_true",
                    help="keep the points already certified in --out with the same settings and continue")
+    add_force_option(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when attached to a terminal)")
     return p
@@ -80,14 +82,14 @@ def training_sigma(method: str) -> float | None:
 
 def read_run(run: Path) -> dict:
     """The config of a finished ``maxup train`` run; a clear error when ``run`` is not one."""
-    import yaml
-
     if not run.is_dir():
         raise ValueError(f"run directory {run} does not exist")
     config_path, model_path = run / "config.yaml", run / "model.pt"
     if not config_path.is_file():
         raise ValueError(f"{run} is not a run directory: it has no config.yaml (write one with maxup train --out {run})")
-    config = yaml.safe_load(config_path.read_text()) or {}
+    config = read_yaml(config_path, str(config_path)) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must be a YAML mapping as maxup train writes it, got {type(config).__name__}")
     missing = [k for k in ("dataset", "model", "method") if k not in config]
     if missing:
         raise ValueError(f"{config_path} lacks {', '.join(missing)}: certify runs written by maxup train or compare")
@@ -108,9 +110,8 @@ def load_run(run: Path, config: dict, *, device, data_dir=None):
     try:
         model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"{run / 'model.pt'} does not load into the {config['model']} model its config.yaml "
-                         f"describes ({type(err).__name__}: {first[:300]})") from None
+                         f"describes ({type(err).__name__}: {' '.join(str(err).split())})") from None
     return splits, model.to(device)
 
 
@@ -243,9 +244,11 @@ def certify(args) -> list[dict]:
     out = Path(args.out)
     names = [_slug(str(r)) for r in runs]
     logs = [out / POINTS_DIR / f"{name}.jsonl" for name in names]
-    if not args.resume and ((out / "certify.json").exists() or any(p.exists() for p in logs)):
-        raise ValueError(f"--out {out} already holds certification results: pass --resume to continue them, "
-                         "or choose another --out")
+    check_out(out, resume=args.resume, force=args.force, what="certification results",
+              holds=lambda o: (o / "certify.json").is_file() or (o / POINTS_DIR).is_dir())
+    if args.force:
+        for log in logs:
+            log.unlink(missing_ok=True)
     device = resolve_device(args.device, name="--device")
     radii = args.radii or default_radii(sigmas)
     show = args.progress if args.progress is not None else sys.stderr.isatty()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from .. import methods as M
 from ..data.text import build_kjv_corpus, kjv_corpus, load_corpus, read_corpus
 from ..models import LSTMLanguageModel
 from ..train import fit
-from .run import (_is_main, _key_value, _slug, add_optim_options, add_run_dir_options, check_run_dir,
-                  comparison_specs, fill_task_defaults, report)
+from .run import (POSITIVE_INT, _is_main, _key_value, add_optim_options, add_run_dir_options, check_run_dir,
+                  comparison_specs, fill_task_defaults, report, run_comparison, with_budget)
 
 #: the optimisation defaults of language modelling (the image ones are in run.IMAGE_DEFAULTS)
 LM_DEFAULTS = {"epochs": 3, "batch_size": 32, "optimizer": "adamw", "lr": 5e-3, "weight_decay": 0.01,
@@ -33,7 +32,7 @@ LM_KEYS = ("corpus", "bptt", "train_tokens", "model_opt", "epochs", "batch_size"
            "weight_decay", "warmup_epochs", "amp", "max_grad_norm", "device")
 DEFAULT_LM_METHODS = ["erm", "embed_noise(sigma=0.1)", "maxup(m=4)+embed_noise(sigma=0.1)", "word_dropout(p=0.1)",
                       "maxup(m=4)+word_dropout(p=0.1)"]
-SUMMARY_KEYS = ("test_perplexity", "val_perplexity", "test_loss", "test_accuracy")
+SUMMARY_KEYS = ("test_perplexity", "val_perplexity", "test_loss", "test_accuracy", "clean_train_perplexity")
 #: the method terms that perturb token sequences (maxup.augment.text)
 LM_AUGMENTS = ("embed_noise", "word_dropout", "token_sub")
 
@@ -44,9 +43,9 @@ def add_corpus_options(p: argparse.ArgumentParser) -> None:
                    help="folder with train.txt, valid.txt and test.txt (one sentence per line, PTB / WikiText "
                         "layout), or 'kjv': the King James Bible, built on first use into $MAXUP_DATA/kjv or "
                         "~/.cache/maxup/kjv from the Debian packages bible-kjv and bible-kjv-text (default: kjv)")
-    g.add_argument("--bptt", type=int, default=35, help="tokens per segment (truncated back-propagation through "
+    g.add_argument("--bptt", type=POSITIVE_INT, default=35, help="tokens per segment (truncated back-propagation through "
                                                         "time; default: 35)")
-    g.add_argument("--train-tokens", type=int, default=None, help="use only the first N training tokens (quick runs)")
+    g.add_argument("--train-tokens", type=POSITIVE_INT, default=None, help="use only the first N training tokens (quick runs)")
 
 
 def add_parsers(sub) -> None:
@@ -164,28 +163,25 @@ def lm_corpus(args) -> Path:
 
 #: the columns of the language-model comparison table (see :func:`maxup.cli.run.table`)
 LM_COLUMNS = (("test perplexity", "test_perplexity", 1.0, 2), ("valid perplexity", "val_perplexity", 1.0, 2),
-              ("test accuracy (%)", "test_accuracy", 100.0, 2))
+              ("best valid epoch", "best_val_epoch", 1.0, 1),
+              ("test perplexity at best valid", "test_perplexity_at_best_val", 1.0, 2),
+              ("clean train perplexity", "clean_train_perplexity", 1.0, 2), ("test accuracy (%)", "test_accuracy", 100.0, 2))
 
 
 def compare_lm(args) -> list[dict]:
     """``maxup compare --task lm``: every method with every seed on one corpus, under the same budget."""
-    fill_task_defaults(args, LM_DEFAULTS)
-    specs = comparison_specs(args, args.methods or DEFAULT_LM_METHODS, lm_method)
+    fill_task_defaults(args, {**LM_DEFAULTS, "train_size": None})
+    specs = comparison_specs(args, args.methods or DEFAULT_LM_METHODS, with_budget(lm_method))
     out = Path(args.out)
     splits = load_corpus(corpus_folder(args.corpus), bptt=args.bptt, train_tokens=args.train_tokens)
-    results: dict[str, list[list[dict]]] = {s: [] for s in specs}
     start = time.perf_counter()
-    for seed in range(args.seeds):  # seeds outer: drift on a shared machine hits every method alike
-        for spec in specs:
-            history = run_lm(lm_config(args, spec, seed), out_dir=out / _slug(spec) / f"seed-{seed}", progress=False,
-                             splits=splits, resume=args.resume)
-            results[spec].append(history)
-            if _is_main():
-                print(f"{spec} seed {seed}: test perplexity {history[-1]['test_perplexity']:.2f}", file=sys.stderr,
-                      flush=True)
+    results, missing = run_comparison(args, specs, lambda spec, seed: lm_config(args, spec, seed), run_lm,
+                             lambda seed: splits,
+                             lambda spec, seed, last: f"{spec} seed {seed}: test perplexity {last['test_perplexity']:.2f}")
     budget = (f"{splits.name} (vocabulary {splits.num_classes}, {len(splits.train)} training segments of {args.bptt} "
               f"tokens), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, batch {args.batch_size}, "
               f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
     return report(results, out, budget, start, title="maxup compare --task lm", keys=SUMMARY_KEYS, columns=LM_COLUMNS,
+                  missing=missing,
                   key="test_perplexity", curve_key="val_perplexity", scale=1.0, label="test perplexity",
                   curve_label="valid perplexity")

@@ -132,9 +132,16 @@ def _class_names(name: str, folder: Path) -> list[str] | None:
     if not path.is_file():
         return None
     names = _load_pickle(path).get(key)
-    if names is None or len(names) != _SPECS[name]["num_classes"]:
+    count = _SPECS[name]["num_classes"]
+    if names is None:
         return None
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    if not isinstance(names, (list, tuple)) or len(names) != count or not all(isinstance(n, (bytes, str)) for n in names):
+        raise ValueError(f"{path}: {key!r} must be a list of {count} class names, got {type(names).__name__} "
+                         f"{names!r:.100}; restore the file from the {name} archive (or delete it: names are optional)")
+    try:
+        return [n.decode() if isinstance(n, bytes) else n for n in names]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: the class names are not UTF-8; restore the file from the {name} archive") from None
 
 
 def load_cifar_arrays(name: str, data_dir: str | os.PathLike | None):

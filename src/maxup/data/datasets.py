@@ -65,6 +65,12 @@ def _folder(data_dir):
     xtr, ytr, xte, yte, classes = load_folder_arrays(data_dir)
     if xte is None:  # no train/ and test/ subfolders: fixed stratified 20% test split
         xtr, ytr, xte, yte = split_off_test(xtr, ytr, 0.2)
+    for split, labels in (("training", ytr), ("test", yte)):
+        empty = [c for i, c in enumerate(classes) if not (labels == i).any()]
+        if empty:
+            raise ValueError(f"folder dataset {data_dir}: class {', '.join(empty)} has no {split} image (a class "
+                             "needs images in both splits; with no train/ and test/ subfolders 20% of each class "
+                             "is the test split, so give each class at least 2 images)")
     return _u8(xtr), torch.from_numpy(ytr), _u8(xte), torch.from_numpy(yte), len(classes), classes
 
 

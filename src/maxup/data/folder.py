@@ -16,6 +16,8 @@ import numpy as np
 
 __all__ = ["load_folder_arrays", "IMAGE_EXTENSIONS"]
 
+#: Pillow modes with 8 bits per channel (others, such as 16-bit "I;16", would be clipped silently)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 
 _HOW = (
@@ -50,6 +52,9 @@ def _scan(root: Path) -> tuple[list[str], list[Path], list[int]]:
         classes.append(d.name)
         files.extend(imgs)
         labels.extend([label] * len(imgs))
+    if len(dirs) < 2 and root.name != "test":
+        raise ValueError(f"folder dataset: {root} has one class subfolder ({dirs[0].name}); a classifier needs at "
+                         f"least 2 classes; {_HOW}")
     return classes, files, labels
 
 
@@ -64,6 +69,9 @@ def _read_images(files: list[Path], ref: tuple[Path, tuple[int, int]] | None) ->
                 img = im.copy()
         except OSError as err:
             raise ValueError(f"folder dataset: cannot read image {path} ({err})") from err
+        if img.mode not in EIGHT_BIT_MODES:
+            raise ValueError(f"folder dataset: {path} has mode {img.mode} (more than 8 bits per channel, e.g. 16-bit "
+                             f"or float); maxup reads 8-bit images ({', '.join(EIGHT_BIT_MODES)}): convert it first")
         if ref is None:
             ref = (path, img.size)
         elif img.size != ref[1]:

@@ -70,7 +70,11 @@ def _read_lines(path: Path) -> list[list[str]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a corpus folder needs train.txt, valid.txt and test.txt "
                                 "(one sentence per line)")
-    lines = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}): save the corpus as UTF-8") from None
+    lines = [line.split() for line in text.splitlines()]
     lines = [words for words in lines if words]
     if not lines:
         raise ValueError(f"{path} is empty: every split needs at least one non-blank line")

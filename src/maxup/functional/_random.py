@@ -17,8 +17,13 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from numbers import Real
 
 import torch
+
+#: rounds of the gamma sampler's rejection loop before it gives up (each round tries 4 candidates per
+#: sample and accepts one with probability > 0.95, so 64 rounds fail with probability < 1e-300)
+MAX_REJECTION_ROUNDS = 64
 
 
 class DeviceGenerator(torch.Generator):
@@ -64,6 +69,20 @@ def _reading_host(generator):
         yield
     finally:
         _scope.depth -= cpu
+
+
+@contextlib.contextmanager
+def host_only():
+    """A block whose reads touch host data only (Python numbers, CPU tensors of host-side checks): not counted
+    by :class:`maxup.train.syncs.HostSyncCounter`, since no device waits for them."""
+    with _reading_host(None):
+        yield
+
+
+def counting_as_device() -> bool:
+    """True while a :class:`maxup.train.syncs.HostSyncCounter` runs: CPU tensors stand for device tensors, so
+    checks that an accelerator would skip (they would wait for it) are skipped too."""
+    return getattr(_scope, "as_device", 0) > 0
 
 
 def host_rand(n: int, *, generator=None, dtype=torch.float32) -> list[float]:
@@ -114,6 +133,9 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
     ``torch.distributions`` takes no generator, so this vectorised rejection sampler
     draws its normals and uniforms from ``generator``; the result is reproducible.
     """
+    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
+            or not math.isfinite(concentration) or concentration <= 0:
+        raise ValueError(f"concentration (the Beta/Gamma alpha) must be a finite number > 0, got {concentration!r}")
     n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     a = float(concentration)
     boost = a < 1.0
@@ -123,7 +145,9 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
     c = 1.0 / math.sqrt(9.0 * d)
     out = torch.empty(n, dtype=torch.float64, device=device)
     todo = torch.arange(n, device=device)
-    while todo.numel():
+    for _ in range(MAX_REJECTION_ROUNDS):
+        if not todo.numel():
+            break
         k = todo.numel()
         z = randn((k, 4), generator=generator, device=device, dtype=torch.float64)
         u = rand((k, 4), generator=generator, device=device, dtype=torch.float64)
@@ -133,6 +157,10 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
         accepted = ok.any(dim=1)
         out[todo[accepted]] = (d * v.gather(1, first[:, None]).squeeze(1))[accepted]
         todo = todo[~accepted]
+    else:
+        if todo.numel():
+            raise RuntimeError(f"the gamma sampler rejected every candidate for {todo.numel()} samples in "
+                               f"{MAX_REJECTION_ROUNDS} rounds (concentration={concentration!r})")
     if boost:
         u = rand((n,), generator=generator, device=device, dtype=torch.float64)
         out = out * u.pow(1.0 / concentration)
@@ -155,6 +183,9 @@ def gamma_fixed(concentration: float, shape, *, generator=None, device=None) -> 
     such a sample keeps its first proposal with ``1 + c z > 0`` clipped to 1e-3 (the
     Wilson-Hilferty approximation the method corrects), an error far below the sampling noise.
     """
+    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
+            or not math.isfinite(concentration) or concentration <= 0:
+        raise ValueError(f"concentration (the Beta/Gamma alpha) must be a finite number > 0, got {concentration!r}")
     n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
     a = float(concentration)
     boost = a < 1.0

@@ -16,8 +16,11 @@ import torch.nn.functional as F
 from . import _random as R
 
 
-def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """``value`` (float or (B,) tensor) as a (B,) tensor of ``like``'s dtype and device."""
+def _per_sample(value, batch: int, like: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """``value`` (float or (B,) tensor) as a (B,) tensor of ``like``'s dtype and device; with ``name``,
+    checked to lie in [0, 1] (see :func:`_check_unit`)."""
+    if name is not None:
+        _check_unit(name, value)
     if isinstance(value, (int, float)) and not isinstance(value, bool):  # filled on the device: no host copy
         return torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
@@ -26,6 +29,47 @@ def _per_sample(value, batch: int, like: torch.Tensor) -> torch.Tensor:
     if t.shape != (batch,):
         raise ValueError(f"per-sample values must be a float or have shape ({batch},), got {tuple(t.shape)}")
     return t
+
+
+def _checkable(value) -> bool:
+    """Whether checking ``value``'s numbers is free: a Python number or a CPU tensor. On an accelerator the
+    check would stall the step for a host synchronisation, so values there (drawn in range by the
+    augmentation modules) are trusted."""
+    if not isinstance(value, torch.Tensor):
+        return True
+    # a host-read count (maxup.train.syncs.HostSyncCounter) runs CPU data as if it were on the device
+    return value.device.type == "cpu" and not R.counting_as_device()
+
+
+def _check_unit(name: str, value) -> None:
+    """A mixing weight (a float or a tensor of them) in [0, 1]: outside it the mixed targets go negative."""
+    if _checkable(value):
+        with R.host_only():  # a Python number or a CPU tensor: no device waits for this read
+            t = torch.as_tensor(value, dtype=torch.float64)
+            if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+                raise ValueError(f"{name} must lie in [0, 1] (a weight of the first image), got {value!r}")
+
+
+def _check_fill(fill) -> None:
+    """A fill value (or tensor of them) that is finite: an inf or NaN fill spreads NaN beyond the box."""
+    if _checkable(fill):
+        with R.host_only():  # a Python number or a CPU tensor: no device waits for this read
+            if not bool(torch.isfinite(torch.as_tensor(fill, dtype=torch.float64)).all()):
+                raise ValueError(f"fill must be finite, got {fill!r}")
+
+
+def _check_boxes(boxes: torch.Tensor, height: int, width: int) -> None:
+    """(B, 4) boxes ``(y0, x0, y1, x1)`` with 0 <= y0 <= y1 <= H and 0 <= x0 <= x1 <= W."""
+    if not isinstance(boxes, torch.Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
+        shape = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
+        raise ValueError(f"boxes must be a (B, 4) tensor of (y0, x0, y1, x1), got {shape}")
+    if boxes.is_floating_point() or boxes.is_complex() or boxes.dtype == torch.bool:
+        raise ValueError(f"boxes must hold integer pixel coordinates, got dtype {boxes.dtype}")
+    if _checkable(boxes) and boxes.numel():
+        y0, x0, y1, x1 = boxes.unbind(1)
+        if not bool(((0 <= y0) & (y0 <= y1) & (y1 <= height) & (0 <= x0) & (x0 <= x1) & (x1 <= width)).all()):
+            raise ValueError(f"boxes must satisfy 0 <= y0 <= y1 <= {height} and 0 <= x0 <= x1 <= {width} "
+                             f"(half-open, inside the {height}x{width} image), got {boxes.tolist()}")
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +178,8 @@ def gaussian_noise(x: torch.Tensor, sigma, noise: torch.Tensor | None = None, *,
 
 def cutout(x: torch.Tensor, boxes: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Fill each sample's box with ``fill``; labels are unchanged."""
+    _check_boxes(boxes, x.shape[-2], x.shape[-1])
+    _check_fill(fill)
     mask = _box_weight(boxes.to(x.device), x.shape[-2], x.shape[-1], x.dtype)
     return torch.lerp(x, x.new_full((), fill).expand_as(x), mask[:, None])
 
@@ -161,7 +207,7 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, lam, perm: torch.Tensor):
 
     Works on any input shape (images, signals, features). Returns ``(x_mix, t_mix)``.
     """
-    lam = _per_sample(lam, x.shape[0], x)
+    lam = _per_sample(lam, x.shape[0], x, "lam")
     return _partner(x, perm).lerp_(x, _bcast(lam, x)), _mix_targets(targets, perm, lam)
 
 
@@ -172,6 +218,7 @@ def cutmix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm: to
     ``lam = 1 - area / (H * W)``. Returns ``(x_mix, t_mix, lam)``.
     """
     h, w = x.shape[-2:]
+    _check_boxes(boxes, h, w)
     boxes = boxes.to(x.device)
     lam = 1.0 - box_area(boxes).expand(x.shape[0]) / (h * w)
     out = _paste_(_partner(x, perm), x, 1.0 - _box_weight(boxes, h, w, x.dtype)[:, None])
@@ -188,8 +235,9 @@ def hmix(x: torch.Tensor, targets: torch.Tensor, lam, boxes: torch.Tensor, perm:
     Returns ``(x_mix, t_mix, weight)``.
     """
     h, w = x.shape[-2:]
+    _check_boxes(boxes, h, w)
     boxes = boxes.to(x.device)
-    lam = _per_sample(lam, x.shape[0], x)
+    lam = _per_sample(lam, x.shape[0], x, "lam")
     outside = 1.0 - box_area(boxes).expand(x.shape[0]).to(x.dtype) / (h * w)
     lam_m = torch.where(outside > 0, (lam / outside.clamp_min(1e-12)).clamp(max=1.0), torch.ones_like(lam))
     partner = _partner(x, perm)
@@ -225,7 +273,7 @@ def gmix(x: torch.Tensor, targets: torch.Tensor, lam, centers: torch.Tensor, per
     """
     h, w = x.shape[-2:]
     centers = centers.to(x.device).expand(x.shape[0], 2)
-    mask = gaussian_mask(_per_sample(lam, x.shape[0], x), centers, h, w).to(x.dtype)
+    mask = gaussian_mask(_per_sample(lam, x.shape[0], x, "lam"), centers, h, w).to(x.dtype)
     out = torch.lerp(x, _partner(x, perm), mask[:, None])
     weight = 1.0 - mask.mean(dim=(1, 2))
     return out, _mix_targets(targets, perm, weight), weight
@@ -237,6 +285,7 @@ def resizemix(x: torch.Tensor, targets: torch.Tensor, boxes: torch.Tensor, perm:
     The label weight of ``x`` is ``1 - area / (H * W)``. Returns ``(x_mix, t_mix, lam)``.
     """
     b, _, h, w = x.shape
+    _check_boxes(boxes, h, w)
     boxes = boxes.to(device=x.device, dtype=torch.long)
     size = (boxes[:, 2:] - boxes[:, :2]).to(x.dtype).clamp_min(1)
     # normalised source coordinates (align_corners=False) of every output pixel in the partner image

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int, check_positive, check_probability
-from .mixing import _box_weight, _mix_targets, _per_sample, box_area, crop_flip, cutmix, mixup
+from .mixing import _box_weight, _check_boxes, _check_fill, _mix_targets, _per_sample, box_area, crop_flip, cutmix, mixup
 
 __all__ = ["lumix", "occlude", "perturb_ratio", "shift_crop", "soften_targets", "softening_curve"]
 
@@ -49,7 +49,7 @@ def soften_targets(targets: torch.Tensor, p) -> torch.Tensor:
     k = targets.shape[-1]
     if k < 2:
         raise ValueError(f"soften_targets needs at least 2 classes, got targets of shape {tuple(targets.shape)}")
-    p = _per_sample(p, targets.shape[0], targets)[:, None]
+    p = _per_sample(p, targets.shape[0], targets, "p")[:, None]
     return p * targets + (1.0 - p) * (1.0 - targets) / (k - 1)
 
 
@@ -76,12 +76,14 @@ def occlude(x: torch.Tensor, boxes: torch.Tensor, fill=0.0) -> tuple[torch.Tenso
     """Each image's box set to ``fill`` (a number or (B, C) values); returns ``(x_occluded, visible)``
     with the visible fraction ``1 - area / (H W)``. Boxes are (B, 4) ``(y0, x0, y1, x1)``, half-open."""
     h, w = x.shape[-2:]
+    _check_boxes(boxes, h, w)
     boxes = boxes.to(x.device)
     inside = _box_weight(boxes, h, w, x.dtype)[:, None]
     return torch.lerp(x, _fill(x, fill), inside), 1.0 - box_area(boxes) / (h * w)
 
 
 def _fill(x: torch.Tensor, fill) -> torch.Tensor:
+    _check_fill(fill)
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
     if fill.dim() == 2:
         if fill.shape != x.shape[:2]:
@@ -116,7 +118,7 @@ def lumix(x: torch.Tensor, targets: torch.Tensor, lam, perm: torch.Tensor, delta
     n = x.shape[0]
     if boxes is None:
         out, _ = mixup(x, targets, lam, perm)
-        lam_x = _per_sample(lam, n, targets)
+        lam_x = _per_sample(lam, n, targets, "lam")
     else:
         out, _, lam_x = cutmix(x, targets, boxes, perm)
     lam_y = perturb_ratio(lam_x.to(targets.device), _per_sample(delta, n, targets))

@@ -123,7 +123,13 @@ class ERM(Objective):
         self.augment = augment
 
     def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
-        if self.augment is None:
+        if self.augment is None:  # the augmentations check their batch; without one, check it here
+            if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[0] == 0:
+                raise ValueError("x must be a non-empty batch (B, ...) of inputs")
+            if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != x.shape[0]:
+                raise ValueError(f"y must hold one label or target row per sample of x ({x.shape[0]})")
+            if y.is_floating_point():
+                y = soft_targets(y)  # soft targets: non-negative rows that sum to one
             return _plain(model, x, y)
         return _plain(model, *_augment(self.augment, x, y, generator))
 
@@ -204,7 +210,7 @@ class MaxUp(Objective):
             raise ValueError("augment must be a maxup.augment.Augmentation")
         self.augment = augment
         self.m = check_int("m", m, minimum=1)
-        self.temperature = check_positive("temperature", temperature, allow_zero=True)
+        self.temperature = check_positive("temperature", temperature, allow_zero=True, allow_inf=True)
         self.include_clean = bool(include_clean)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         if score not in ("loss", "kl"):

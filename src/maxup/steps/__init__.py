@@ -6,6 +6,7 @@ A step is called as ``step(model, x, y, generator=None)`` and returns the
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -29,8 +30,9 @@ class Step:
             raise ValueError("objective must be a maxup objective such as maxup.ERM() or maxup.MaxUp(...)")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not 0 < max_grad_norm < math.inf):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
         if amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
         self.objective = objective

@@ -12,6 +12,7 @@ from .checkpoint import (
     CheckpointError,
     atomic_write,
     capture_rng,
+    last_good_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -20,11 +21,12 @@ from .checkpoint import (
 )
 from .metrics import evaluate, expected_calibration_error, perplexity
 from .optim import make_optimizer, make_scheduler, parameter_groups
-from .trainer import TIMING_KEYS, NonFiniteLossError, Trainer
+from .trainer import TIMING_KEYS, NonFiniteLossError, NonFiniteStateError, Trainer
 
 __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
+    "NonFiniteStateError",
     "TIMING_KEYS",
     "Trainer",
     "as_data",
@@ -34,6 +36,7 @@ __all__ = [
     "evaluate",
     "expected_calibration_error",
     "fit",
+    "last_good_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",

@@ -51,13 +51,12 @@ def resolve_device(device=None, *, name: str = "device") -> torch.device:
     except (RuntimeError, TypeError):
         raise ValueError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', "
                          f"got {device!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{name} {str(device)!r} asks for a GPU, but CUDA is not available here (this PyTorch "
-                             f"{torch.__version__} sees no CUDA device): use {name} cpu, or leave it unset")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {str(device)!r}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use {name} cpu, or leave it unset")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         device = torch.device("cuda", env_local_rank())
     return device

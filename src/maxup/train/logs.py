@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, naming
 
 _TB_WARNED = False
 
@@ -110,10 +110,13 @@ class RunFiles:
 
     def append(self, record: dict, history: list[dict]) -> None:
         """Add one epoch: a line to metrics.jsonl, a fresh metrics.csv, TensorBoard scalars."""
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(jsonl_line(record))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.jsonl, "a", encoding="utf-8") as f:
+                f.write(jsonl_line(record))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise naming(err, self.jsonl) from err
         atomic_write_text(self.csv, csv_text(history))
         if self.writer is not None:
             epoch = int(record.get("epoch", len(history)))

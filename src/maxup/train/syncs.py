@@ -12,6 +12,10 @@ a CPU included, where they cost nothing and are otherwise invisible::
     counter.reads            # 0 for a step that never waits for the device
     counter.report()         # each read with the line of maxup code that made it
 
+While counting, CPU tensors stand for device tensors: value checks that the library skips on
+an accelerator (they would wait for it) are skipped here too, and reads of host data only
+(host-side draws, checks of Python numbers) are not counted.
+
 ``made`` counts tensors built from Python data (``torch.tensor([...])``,
 ``torch.as_tensor(0.5)``); on a GPU they become blocking host-to-device copies when
 built for the device. Host-to-device copies of tensors that are already on the CPU show
@@ -26,6 +30,7 @@ import traceback
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..functional import _random as R
 from ..functional._random import in_host_draw
 
 __all__ = ["HostSyncCounter", "count_step_syncs"]
@@ -122,6 +127,7 @@ class HostSyncCounter(TorchDispatchMode):
                 return __original(t, *a, **k)
 
             setattr(torch.Tensor, attr, wrapped)
+        R._scope.as_device = getattr(R._scope, "as_device", 0) + 1
         return super().__enter__()
 
     def __exit__(self, *exc):
@@ -131,6 +137,7 @@ class HostSyncCounter(TorchDispatchMode):
             for attr, original in self._saved.items():
                 setattr(torch.Tensor, attr, original)
             self._saved = {}
+            R._scope.as_device -= 1
 
     def report(self) -> str:
         return "\n".join(f"{n:4d}  {k}" for k, n in self.where.most_common())

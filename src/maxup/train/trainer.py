@@ -27,20 +27,24 @@ from .checkpoint import (
     atomic_write,
     capture_rng,
     checkpoint_name,
-    latest_checkpoint,
+    last_good_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    load_latest_good,
+    nonfinite_entries,
     prune_checkpoints,
     remove_stale_temporaries,
     restore_rng,
     save_checkpoint,
 )
-from .logs import RunFiles
+from .logs import RunFiles, plain
 from .metrics import evaluate
 from .speed import compile_model, configure_backends
 
 #: history keys that measure time: they differ between runs, everything else is reproducible
 TIMING_KEYS = ("time", "train_time", "samples_per_s")
+#: ``config`` entries a resume may change: more epochs (recorded under ``resumed`` in config.yaml), and
+#: where the data lives and which device trains (they do not change the run's numbers on CPU)
+RESUMABLE = ("epochs", "data_dir", "device")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +55,15 @@ class NonFiniteLossError(RuntimeError):
         self.epoch = epoch
         self.step = step
         self.global_step = global_step
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The state after an epoch (weights, BatchNorm statistics, optimizer state or metrics) holds NaN or
+    inf, so it is not saved as a checkpoint; ``names`` lists the non-finite entries."""
+
+    def __init__(self, message: str, *, names: list[str], epoch: int, step: int, global_step: int):
+        super().__init__(message, epoch=epoch, step=step, global_step=global_step)
+        self.names = names
 
 
 def generator_seed(seed: int, rank: int) -> int:
@@ -91,8 +104,10 @@ class Trainer:
     loss for NaN or infinity on the device and reads the verdict every ``check_every`` steps
     and at the end of each epoch, so an error names the first bad step and the steps since. One history record per epoch holds ``epoch``, ``step``
     (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
-    ``train_accuracy``, ``val_*``/``test_*`` (``accuracy``, ``loss``, ``ece``, and
-    ``perplexity`` for token sequences; see :func:`evaluate`) and the timings
+    ``train_accuracy`` (on the augmented batches), ``val_*``/``test_*`` (``accuracy``, ``loss``,
+    ``ece``, and ``perplexity`` for token sequences; see :func:`evaluate`), on the last epoch
+    ``clean_train_*`` (the same metrics on the training set in eval mode without augmentation:
+    whether the model fits its data) and the timings
     ``train_time``, ``time`` and ``samples_per_s``.
 
     With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
@@ -196,6 +211,7 @@ class Trainer:
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
         self.global_step = 0
+        self.resumes: list[dict] = []  # the settings each resume changed (config.yaml's "resumed")
         self._files: RunFiles | None = None
 
     # ------------------------------------------------------------------ properties
@@ -239,11 +255,14 @@ class Trainer:
             if ckdir is None:
                 raise ValueError("resume=True needs out_dir: the checkpoints to resume from are in "
                                  "out_dir/checkpoints")
-            path = latest_checkpoint(ckdir)
+            state, path, skipped = load_latest_good(ckdir, skip=TIMING_KEYS)
             if path is None:
                 warnings.warn(f"resume=True but there is no checkpoint in {ckdir}: training from scratch", stacklevel=3)
             else:
-                self._restore(load_checkpoint(path), path)
+                if skipped:
+                    warnings.warn("; ".join(skipped) + f". Resuming from the previous good checkpoint {path.name} "
+                                  "instead (the epochs after it are trained again).", stacklevel=3)
+                self._restore(state, path)
         elif ckdir is not None and list_checkpoints(ckdir):
             names = ", ".join(p.name for p in list_checkpoints(ckdir))
             raise ValueError(f"{ckdir} already holds checkpoints of an earlier run ({names}): pass resume=True to "
@@ -336,6 +355,10 @@ class Trainer:
                 metrics = evaluate(self.module, data, batch_size=eval_batch, device=self.device,
                                    num_classes=self.num_classes)
                 record.update({f"{name}_{k}": v for k, v in metrics.items()})
+        if epoch + 1 == self.epochs:  # convergence: the clean training set, eval mode, no augmentation
+            metrics = evaluate(self.module, self.train_data, batch_size=eval_batch, device=self.device,
+                               num_classes=self.num_classes)
+            record.update({f"clean_train_{k}": v for k, v in metrics.items()})
         record["train_time"] = train_time
         record["samples_per_s"] = count / train_time if train_time > 0 else float("nan")
         record["time"] = time.perf_counter() - start
@@ -343,7 +366,7 @@ class Trainer:
 
     def _nonfinite(self, epoch: int, i: int, n_steps: int, loss: torch.Tensor, lr: float,
                    checked: tuple[int, int] | None = None) -> NonFiniteLossError:
-        last = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        last = last_good_checkpoint(self.checkpoint_dir, skip=TIMING_KEYS) if self.checkpoint_dir is not None else None
         kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
         value = loss.item() if bool(~torch.isfinite(loss)) else "non-finite on another rank"
         clip = (f"max_grad_norm (now {self.step.max_grad_norm})" if getattr(self.step, "max_grad_norm", None)
@@ -371,28 +394,86 @@ class Trainer:
             "history": [dict(r) for r in self.history],
             "rng": [capture_rng(self.generator)],
             "meta": {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
-                     "epochs": self.epochs, "num_classes": self.num_classes},
+                     "epochs": self.epochs, "num_classes": self.num_classes, "config": plain(self.config),
+                     "resumes": [dict(r) for r in self.resumes]},
         }
 
     def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoints/epoch-NNNN.pt`` (main process; every rank must call it) and prune old ones."""
+        """Write ``checkpoints/epoch-NNNN.pt`` (main process; every rank must call it) and prune old ones.
+
+        Raises:
+            NonFiniteStateError: a tensor of the state (BatchNorm statistics included) or a metric is NaN or
+                inf; nothing is written, and the message names the last good checkpoint.
+        """
         rngs = D.all_gather_object(capture_rng(self.generator))
+        state = self.state_dict()
+        bad = nonfinite_entries(state, skip=TIMING_KEYS)  # the same on every rank (buffers and metrics are shared)
+        if bad:
+            raise self._nonfinite_state(bad)
         if not self.is_main or self.checkpoint_dir is None:
             return None
-        state = self.state_dict()
         state["rng"] = rngs
         path = save_checkpoint(state, self.checkpoint_dir / checkpoint_name(self.epoch))
         prune_checkpoints(self.checkpoint_dir, self.keep_checkpoints)
         return path
 
-    def _restore(self, state: dict, path: Path) -> None:
+    def _nonfinite_state(self, names: list[str]) -> NonFiniteStateError:
+        last = last_good_checkpoint(self.checkpoint_dir, skip=TIMING_KEYS) if self.checkpoint_dir is not None else None
+        kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return NonFiniteStateError(
+            f"the state after epoch {self.epoch} holds non-finite values ({shown}); stopped without saving it"
+            f"{kept}. Try a lower learning rate or set max_grad_norm (gradient clipping).",
+            names=names, epoch=self.epoch, step=self.steps_per_epoch, global_step=self.global_step)
+
+    def _check_settings(self, state: dict, path: Path) -> None:
+        """Refuse a resume whose settings differ from the checkpoint's (naming each, old and new), except
+        :data:`RESUMABLE` ones; record a changed number of epochs in :attr:`resumes`."""
         meta = state.get("meta") or {}
-        changed = [f"{k} {meta[k]!r} -> {v!r}" for k, v in
-                   (("seed", self.seed), ("batch_size", self.batch_size), ("world_size", self.world_size))
-                   if k in meta and meta[k] != v]
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            saved = self._saved_config()
+        now = plain(self.config)
+        missing = "(not set)"
+        changed = {}
+        if saved is not None:
+            for key in sorted(set(saved) | set(now)):
+                if key not in RESUMABLE and key not in ("trainer", "resumed") and \
+                        saved.get(key, missing) != now.get(key, missing):
+                    changed[key] = (saved.get(key, missing), now.get(key, missing))
+        for key, value in (("seed", self.seed), ("batch_size", self.batch_size)):
+            if key in meta and meta[key] != value:
+                changed[key] = (meta[key], value)
+        done = int(state["epoch"])
+        if self.epochs < done:
+            changed["epochs"] = (f"{done} trained", self.epochs)
         if changed:
-            warnings.warn(f"resuming {path} with different settings ({', '.join(changed)}): the run continues "
-                          "but will not match an uninterrupted one", stacklevel=4)
+            listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(f"cannot resume {path} with other settings: {listed}. Resume with the settings that "
+                             "wrote it (see config.yaml in the run directory; only more epochs, the data "
+                             "location and the device may change), or start a new run in another directory.")
+        self.resumes = [dict(r) for r in meta.get("resumes") or [] if isinstance(r, dict)]
+        if "epochs" in meta and meta["epochs"] != self.epochs:
+            self.resumes.append({"after_epoch": done, "epochs": [meta["epochs"], self.epochs]})
+        if "world_size" in meta and meta["world_size"] != self.world_size:
+            warnings.warn(f"resuming {path} with world_size {meta['world_size']!r} -> {self.world_size!r}: the "
+                          "run continues but will not match an uninterrupted one", stacklevel=5)
+
+    def _saved_config(self) -> dict | None:
+        """The run's config.yaml (checkpoints of maxup versions before settings were saved in them)."""
+        path = None if self.out_dir is None else self.out_dir / "config.yaml"
+        if path is None or not path.is_file():
+            return None
+        try:
+            import yaml
+
+            config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except Exception:  # an unreadable config.yaml gives nothing to compare
+            return None
+        return config if isinstance(config, dict) else None
+
+    def _restore(self, state: dict, path: Path) -> None:
+        self._check_settings(state, path)
         try:
             self.module.load_state_dict(strip_compile_prefix(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
@@ -404,11 +485,15 @@ class Trainer:
             self.step.load_state_dict(state["step"])
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this model, optimizer or method "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Resume "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())}). Resume "
                                   "with the configuration that wrote it, or use another out_dir.") from err
         rngs = state["rng"]
         if len(rngs) == self.world_size:
-            restore_rng(rngs[self.rank], self.generator)
+            try:
+                restore_rng(rngs[self.rank], self.generator)
+            except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"checkpoint {path} holds unreadable RNG states ({type(err).__name__}: "
+                                      f"{err}); delete it to resume from the previous checkpoint") from err
         else:
             warnings.warn(f"{path} holds RNG states of {len(rngs)} processes, this run has {self.world_size}: "
                           "augmentation randomness starts afresh", stacklevel=4)
@@ -456,6 +541,8 @@ class Trainer:
         }
         config = dict(self.config)
         config["trainer"] = {**settings, **dict(config.get("trainer") or {})}
+        if self.resumes:
+            config["resumed"] = [dict(r) for r in self.resumes]
         return config
 
     def _bar(self, epoch: int, total: int):
@@ -488,4 +575,5 @@ class Trainer:
         return "  ".join(parts)
 
 
-__all__ = ["NonFiniteLossError", "TIMING_KEYS", "Trainer", "generator_seed", "host_generator_seed"]
+__all__ = ["NonFiniteLossError", "NonFiniteStateError", "RESUMABLE", "TIMING_KEYS", "Trainer", "generator_seed",
+           "host_generator_seed"]

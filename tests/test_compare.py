@@ -1,0 +1,103 @@
+"""`maxup compare` as evidence: convergence on the clean training set, per-method budgets, worker processes."""
+import json
+
+import pytest
+
+from maxup.cli import main
+from maxup.cli.run import convergence_note, split_budget, summarize, table, with_budget
+from maxup import methods as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--test-size", "120", "--train-size", "200", "--batch-size", "64", "--no-progress"]
+
+
+def _history(epochs, test, clean, time=1.0):
+    rows = [{"epoch": e + 1, "train_time": time, "test_accuracy": test, "test_loss": 0.5, "test_ece": 0.1}
+            for e in range(epochs)]
+    rows[-1].update(clean_train_accuracy=clean, clean_train_loss=0.01)
+    return rows
+
+
+def test_split_budget_reads_epochs_and_refuses_the_rest():
+    assert split_budget("cutout") == ("cutout", {})
+    assert split_budget("maxup(m=4)+cutout@epochs=40") == ("maxup(m=4)+cutout", {"epochs": 40})
+    assert with_budget(M.canonical)("MIXUP(alpha=0.2)@epochs=3") == "mixup(alpha=0.2)@epochs=3"
+    for bad, message in [("cutout@lr=0.1", "budget keys: epochs"), ("cutout@epochs=x", "whole number"),
+                         ("cutout@epochs=0", ">= 1"), ("cutout@", "empty budget")]:
+        with pytest.raises(ValueError, match=message):
+            split_budget(bad)
+
+
+def test_summary_has_clean_training_accuracy_gap_and_total_time():
+    results = {"erm": [_history(3, 0.90, 1.00), _history(3, 0.92, 0.98)],
+               "cutout@epochs=6": [_history(6, 0.93, 0.97, time=2.0), _history(6, 0.95, 0.99, time=2.0)]}
+    rows = summarize(results, "erm")
+    erm, long = rows
+    assert erm["clean_train_accuracy"] == pytest.approx(0.99)
+    assert erm["clean_train_accuracy_std"] == pytest.approx(0.0141421356, rel=1e-6)
+    assert erm["gap"] == pytest.approx(((1.00 - 0.90) + (0.98 - 0.92)) / 2)
+    assert erm["train_time_total"] == pytest.approx(3.0) and long["train_time_total"] == pytest.approx(12.0)
+    assert long["time_ratio"] == pytest.approx(2.0) and long["epochs"] == 6
+    text = table(rows, "erm")
+    assert "clean train accuracy (%)" in text and "| 99.00 ± 1.41 |" in text and "valid accuracy" not in text
+    assert convergence_note(rows, "erm") == ""
+    results["erm"][1][-1]["clean_train_accuracy"] = 0.90
+    note = convergence_note(summarize(results, "erm"), "erm")
+    assert "95.00% clean training accuracy" in note and "not converged" in note
+
+
+def test_summary_of_runs_without_clean_metrics_shows_a_dash():
+    old = [{"epoch": 1, "train_time": 1.0, "test_accuracy": 0.9, "test_loss": 0.3, "test_ece": 0.02}]
+    rows = summarize({"erm": [old], "cutout": [_history(1, 0.8, 1.0)]}, "erm")
+    assert "clean_train_accuracy" not in rows[0] and "gap" not in rows[0]
+    text = table(rows, "erm")
+    assert "| erm | 90.00 ± 0.00 | - | - |" in text and "| cutout | 80.00 ± 0.00 | 100.00 ± 0.00 |" in text
+    assert "valid accuracy" not in text  # a column no run recorded is left out
+    assert "clean train" not in table(summarize({"erm": [old]}, "erm"), "erm")
+
+
+def test_compare_gives_a_method_its_own_epochs_and_records_convergence(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "erm,erm@epochs=2", "--epochs", "1", "--seeds", "1", "--out", str(out),
+                 *TINY]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [len(results["runs"][m][0]) for m in ("erm", "erm@epochs=2")] == [1, 2]
+    for row in results["summary"]:
+        last = results["runs"][row["method"]][0][-1]
+        assert 0 <= row["clean_train_accuracy"] <= 1
+        assert row["gap"] == pytest.approx(last["clean_train_accuracy"] - last["test_accuracy"])
+    assert (out / "erm@epochs=2" / "seed-0" / "config.yaml").read_text().count("epochs: 2") >= 1
+    assert "not converged" in (out / "results.md").read_text()  # one epoch on 200 digits does not fit them
+
+
+def test_worker_processes_give_the_same_runs_as_one_process(tmp_path):
+    argv = ["compare", "--methods", "erm,mixup", "--epochs", "1", "--seeds", "2", *TINY]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
+    strip = lambda runs: {m: [[{k: v for k, v in e.items() if "time" not in k and k != "samples_per_s"} for e in h]
+                               for h in hs] for m, hs in runs.items()}
+    assert strip(one) == strip(two)
+
+
+def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "erm,cutout", "--epochs", "1", "--seeds", "2", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert main(argv + ["--report"]) == 0  # everything finished: the same summary, nothing trained
+    assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]
+    (out / "cutout" / "seed-1" / "metrics.jsonl").unlink()
+    assert main(argv + ["--report"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["missing"] == ["cutout seed 1"] and "not finished, left out: cutout seed 1" in again["budget"]
+    assert [r["seeds"] for r in again["summary"]] == [2, 1]
+    assert again["runs"]["cutout"] == first["runs"]["cutout"][:1]
+    assert main(["compare", "--methods", "mixup", "--out", str(out), *TINY, "--report"]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_bad_jobs_is_refused(capsys):
+    assert main(["compare", "--jobs", "0", "--out", "unused"]) == 2
+    assert "--jobs" in capsys.readouterr().err
