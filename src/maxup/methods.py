@@ -226,9 +226,9 @@ def _erm(augment=None):
 
 
 def _maxup(augment, m: int = 4, temperature: float = 0.0, include_clean: bool = False, warmup_steps: int = 0,
-           mode: str | None = None, score: str = "loss"):
+           mode: str | None = None, score: str = "loss", select_amp: str | None = None):
     return MaxUp(augment, m, temperature=temperature, include_clean=include_clean, warmup_steps=warmup_steps, mode=mode,
-                 score=score)
+                 score=score, select_amp=select_amp)
 
 
 def _aug(cls, **defaults):

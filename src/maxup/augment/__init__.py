@@ -33,6 +33,8 @@ class Augmentation(nn.Module):
     sequence = False
     #: why it must be the last augmentation of a Compose (None: it may go anywhere)
     last: str | None = None
+    #: the label values were checked (on the first call; later calls check shapes only: no host read)
+    _values_checked = False
 
     def __init__(self, *, num_classes: int | None = None, p: float = 1.0):
         super().__init__()
@@ -47,7 +49,9 @@ class Augmentation(nn.Module):
             raise ValueError(f"y must be a torch.Tensor of labels, got {type(y).__name__}")
         if y.shape[0] != x.shape[0]:
             raise ValueError(f"y holds {y.shape[0]} labels but x holds {x.shape[0]} samples; they must match")
-        return self.apply(x, MF.soft_targets(y, self.num_classes).to(x.device), generator)
+        targets = MF.soft_targets(y, self.num_classes, check=not self._values_checked)
+        self._values_checked = True
+        return self.apply(x, targets.to(x.device), generator)
 
     def apply(self, x: torch.Tensor, t: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -228,8 +232,8 @@ class GMix(_Mixing):
     def apply(self, x, t, generator):
         lam, perm = self._draw(x, generator)
         h, w = x.shape[-2:]
-        scale = torch.tensor([h, w], dtype=torch.float32, device=x.device)
-        centers = R.rand((lam.shape[0], 2), generator=generator, device=x.device) * scale
+        centers = R.rand((lam.shape[0], 2), generator=generator, device=x.device)
+        centers = torch.stack([centers[:, 0] * h, centers[:, 1] * w], 1)
         out, targets, _ = MF.gmix(x, t, lam, centers, perm)
         return out, targets
 
@@ -304,7 +308,7 @@ class RandomChoice(Augmentation):
         self.sequence = _sequence(augmentations)
 
     def apply(self, x, t, generator):
-        u = float(R.rand((1,), generator=generator))
+        u = R.host_rand(1, generator=generator)[0]  # a host choice: from the host generator
         i = min(int(torch.searchsorted(self.weights.cumsum(0).cpu(), torch.tensor([u]), right=True)), len(self.weights) - 1)
         return self.augmentations[i](x, t, generator)
 

@@ -77,10 +77,10 @@ class ManifoldMixup(_Mixing):
 
     def apply(self, x, t, generator):
         lam, perm = self._draw(x, generator)
-        index = int(R.randint(len(self.layers), (1,), generator=generator)[0])
+        index = R.host_randint(len(self.layers), 1, generator=generator)[0]  # a host choice
         lam = _per_sample(lam, x.shape[0], t)
         self.plan = HiddenMix(self.layers, torch.full((x.shape[0],), index, dtype=torch.long, device=x.device),
-                              lam.float().contiguous(), perm)
+                              lam.float().contiguous(), perm, (index,))
         return x, _mix_targets(t, perm, lam)
 
     def _options(self):

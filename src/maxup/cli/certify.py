@@ -249,7 +249,7 @@ def certify(args) -> list[dict]:
     if args.force:
         for log in logs:
             log.unlink(missing_ok=True)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, name="--device")
     radii = args.radii or default_radii(sigmas)
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     rows = []

@@ -16,6 +16,7 @@ from ..data import list_datasets, load_dataset
 from ..models import create_model, list_models
 from .._checks import check_int
 from ..train import fit, list_checkpoints
+from ..train.distributed import resolve_device
 
 #: the main job's methods: two augmentations that suit 8x8 digits (a one-pixel shift, pixel noise), MaxUp over
 #: each, and Mixup
@@ -23,7 +24,7 @@ DEFAULT_METHODS = ["erm", "cropflip(padding=1, flip=0)", "maxup(m=4)+cropflip(pa
                    "gaussian(sigma=0.5)", "maxup(m=4)+gaussian(sigma=0.5)", "mixup"]
 RUN_KEYS = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
             "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
-            "max_grad_norm", "device")
+            "max_grad_norm", "device", "compile", "channels_last", "tf32")
 
 
 #: suite keys beside RUN_KEYS: the seeds, and the language-modelling task's (``maxup compare --task lm``)
@@ -129,6 +130,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-opt", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")
     add_optim_options(p)
+    g = p.add_argument_group("speed (GPU)")
+    g.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor; e.g. --compile aot_eager to debug)")
+    g.add_argument("--channels-last", action="store_true", help="model and images in channels-last memory format")
+    g.add_argument("--no-tf32", dest="tf32", action="store_false",
+                   help="on CUDA, keep fp32 matrix multiplies and convolutions in full IEEE precision (default: TF32)")
 
 
 def add_run_dir_options(p: argparse.ArgumentParser) -> None:
@@ -183,6 +190,7 @@ def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, spli
     With ``resume`` a run in ``out_dir`` continues if its settings are the same (more epochs may be
     given); a changed setting is an error naming it."""
     seed = config["seed"]
+    resolve_device(config["device"], name="--device")  # a wrong --device fails before the data is loaded
     if splits is None:
         splits = load_dataset(config["dataset"], data_dir=config["data_dir"], val_size=config["val_size"],
                               train_size=config["train_size"], test_size=config["test_size"],
@@ -195,7 +203,8 @@ def run(config: dict, *, out_dir=None, resume: bool = False, progress=None, spli
                momentum=config["momentum"], weight_decay=config["weight_decay"],
                warmup_epochs=config["warmup_epochs"], seed=seed, device=config["device"], out_dir=out_dir,
                amp=config["amp"], max_grad_norm=config["max_grad_norm"], num_classes=splits.num_classes,
-               progress=progress, resume=resume, config=config)
+               progress=progress, resume=resume, config=config, compile=config.get("compile", False),
+               channels_last=config.get("channels_last", False), tf32=config.get("tf32", True))
 
 
 def _is_main() -> bool:

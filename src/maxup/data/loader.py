@@ -26,7 +26,8 @@ class Loader:
     disjoint, equal-size shards, so all ranks run the same number of steps.
 
     If ``device`` is given the whole split is moved there once, and batches are
-    gathered on the device.
+    gathered on the device. ``memory_format`` (e.g. ``torch.channels_last``) lays out
+    4-D batches that way.
 
     >>> import torch
     >>> data = TensorData(torch.randn(10, 3), torch.arange(10) % 2)
@@ -46,6 +47,7 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         for arg, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -55,6 +57,9 @@ class Loader:
         if len(data) == 0:
             raise ValueError("Loader: the dataset is empty")
         self.x = data.x if device is None else data.x.to(device)
+        if memory_format is not None and self.x.dim() == 4:  # e.g. torch.channels_last, kept by every batch
+            self.x = self.x.contiguous(memory_format=memory_format)
+        self.memory_format = memory_format if self.x.dim() == 4 else None
         self.y = data.y if device is None else data.y.to(device)
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
@@ -100,4 +105,5 @@ class Loader:
         bs, stop = self.batch_size, len(self) * self.batch_size
         for start in range(0, min(stop, len(idx)), bs):
             b = idx[start : start + bs]
-            yield self.x[b], self.y[b]
+            x = self.x[b]
+            yield (x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)), self.y[b]

@@ -38,12 +38,16 @@ class HiddenMix:
         layer: (N,) long, the index into ``points`` at which each row is mixed; -1 leaves a row as it is.
         lam: (N,) float, the weight of the row itself.
         perm: (N,) long, the partner row (a row mixed at the same point).
+        used: the indices into ``points`` that ``layer`` holds, when the host knows them (the
+            builders below and :class:`~maxup.augment.ManifoldMixup` fill it in); ``None``:
+            unknown, so :func:`mix_hidden` hooks every point instead of reading ``layer``.
     """
 
     points: tuple[str, ...]
     layer: torch.Tensor
     lam: torch.Tensor
     perm: torch.Tensor
+    used: tuple[int, ...] | None = None
 
     @classmethod
     def single(cls, points: Sequence[str], index: int, lam, perm: torch.Tensor) -> "HiddenMix":
@@ -52,7 +56,7 @@ class HiddenMix:
         n = perm.shape[0]
         lam = _per_sample(lam, n, torch.empty(0, device=perm.device)).float()
         layer = torch.full((n,), int(index), dtype=torch.long, device=perm.device)
-        return cls(tuple(points), layer, lam, perm)
+        return cls(tuple(points), layer, lam, perm, (int(index),) if int(index) >= 0 else ())
 
     @classmethod
     def identity(cls, points: Sequence[str], n: int, device=None) -> "HiddenMix":
@@ -69,15 +73,18 @@ class HiddenMix:
         for p in plans:
             offsets.append(p.perm + start)
             start += p.perm.shape[0]
-        return cls(points, torch.cat([p.layer for p in plans]), torch.cat([p.lam for p in plans]), torch.cat(offsets))
+        used = None if any(p.used is None for p in plans) else tuple(sorted({i for p in plans for i in p.used}))
+        return cls(points, torch.cat([p.layer for p in plans]), torch.cat([p.lam for p in plans]), torch.cat(offsets),
+                   used)
 
     def __len__(self) -> int:
         return self.perm.shape[0]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    wrapped = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrapped) else model
+    """The network inside DDP / DataParallel / ``torch.compile`` wrappers (its modules carry the hooks)."""
+    from .._modules import unwrap
+    return unwrap(model)
 
 
 def _mix_rows(h, plan: HiddenMix, index: int, name: str) -> torch.Tensor:
@@ -117,7 +124,8 @@ def mix_hidden(model: nn.Module, plan: HiddenMix | None):
         valid = [n for n in modules if n][:12]
         raise ValueError(f"manifold mixup: the model has no module named {missing[0]!r}; layers must be module names "
                          f"as in model.named_modules() (e.g. {', '.join(valid)}) or 'input'")
-    used = sorted(int(i) for i in torch.unique(plan.layer).tolist() if i >= 0)
+    # the host knows the points in use (plan.used); otherwise hook them all rather than read plan.layer
+    used = sorted(plan.used) if plan.used is not None else range(len(plan.points))
     handles = []
     try:
         for index in used:

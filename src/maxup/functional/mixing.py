@@ -21,6 +21,8 @@ def _per_sample(value, batch: int, like: torch.Tensor, name: str | None = None) 
     checked to lie in [0, 1] (see :func:`_check_unit`)."""
     if name is not None:
         _check_unit(name, value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # filled on the device: no host copy
+        return torch.full((batch,), float(value), dtype=like.dtype, device=like.device)
     t = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if t.dim() == 0 or t.shape == (1,):
         return t.expand(batch)
@@ -33,21 +35,27 @@ def _checkable(value) -> bool:
     """Whether checking ``value``'s numbers is free: a Python number or a CPU tensor. On an accelerator the
     check would stall the step for a host synchronisation, so values there (drawn in range by the
     augmentation modules) are trusted."""
-    return not isinstance(value, torch.Tensor) or value.device.type == "cpu"
+    if not isinstance(value, torch.Tensor):
+        return True
+    # a host-read count (maxup.train.syncs.HostSyncCounter) runs CPU data as if it were on the device
+    return value.device.type == "cpu" and not R.counting_as_device()
 
 
 def _check_unit(name: str, value) -> None:
     """A mixing weight (a float or a tensor of them) in [0, 1]: outside it the mixed targets go negative."""
     if _checkable(value):
-        t = torch.as_tensor(value, dtype=torch.float64)
-        if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
-            raise ValueError(f"{name} must lie in [0, 1] (a weight of the first image), got {value!r}")
+        with R.host_only():  # a Python number or a CPU tensor: no device waits for this read
+            t = torch.as_tensor(value, dtype=torch.float64)
+            if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+                raise ValueError(f"{name} must lie in [0, 1] (a weight of the first image), got {value!r}")
 
 
 def _check_fill(fill) -> None:
     """A fill value (or tensor of them) that is finite: an inf or NaN fill spreads NaN beyond the box."""
-    if _checkable(fill) and not bool(torch.isfinite(torch.as_tensor(fill, dtype=torch.float64)).all()):
-        raise ValueError(f"fill must be finite, got {fill!r}")
+    if _checkable(fill):
+        with R.host_only():  # a Python number or a CPU tensor: no device waits for this read
+            if not bool(torch.isfinite(torch.as_tensor(fill, dtype=torch.float64)).all()):
+                raise ValueError(f"fill must be finite, got {fill!r}")
 
 
 def _check_boxes(boxes: torch.Tensor, height: int, width: int) -> None:
@@ -160,6 +168,8 @@ def gaussian_noise(x: torch.Tensor, sigma, noise: torch.Tensor | None = None, *,
     """x + sigma * noise, noise ~ N(0, I) drawn from ``generator`` unless given; sigma float or (B,)."""
     if noise is None:
         noise = R.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(sigma, (int, float)):  # a Python number stays one (no tensor copied to the device)
+        return x + float(sigma) * noise
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.dim() == 1:
         sigma = _bcast(sigma, x)

@@ -9,12 +9,19 @@ from .._checks import check_int, check_probability
 _REDUCTIONS = ("none", "mean", "sum")
 
 
-def soft_targets(y: torch.Tensor, num_classes: int | None = None, smoothing: float = 0.0) -> torch.Tensor:
+def soft_targets(y: torch.Tensor, num_classes: int | None = None, smoothing: float = 0.0, *,
+                 check: bool = True) -> torch.Tensor:
     """Turn labels into a (B, C) float distribution.
 
     Integer labels of shape (B,) become one-hot rows; soft targets of shape (B, C) are
     checked (non-negative rows that sum to one) and passed through. ``smoothing`` mixes
     every row with the uniform distribution: ``(1 - smoothing) * t + smoothing / C``.
+
+    ``check=False`` skips the checks of the values (label range, rows summing to one),
+    which read them on the host: a GPU waits for them. Callers that checked the data where
+    it entered (the Trainer, an augmentation's first call) pass it on every later batch;
+    shapes and dtypes are always checked, and a label out of range still fails (an index
+    error on CPU, a device-side assertion on a GPU).
 
     >>> soft_targets(torch.tensor([0, 2]), 3)
     tensor([[1., 0., 0.],
@@ -28,7 +35,8 @@ def soft_targets(y: torch.Tensor, num_classes: int | None = None, smoothing: flo
             raise ValueError(f"soft targets y must have shape (B, num_classes), got {tuple(y.shape)}")
         if num_classes is not None and y.shape[1] != num_classes:
             raise ValueError(f"soft targets y have {y.shape[1]} classes, expected num_classes={num_classes}")
-        if bool((y < 0).any()) or not torch.allclose(y.sum(1), torch.ones((), dtype=y.dtype, device=y.device), atol=1e-4):
+        if check and (bool((y < 0).any())
+                      or not torch.allclose(y.sum(1), torch.ones((), dtype=y.dtype, device=y.device), atol=1e-4)):
             raise ValueError("soft targets y must be non-negative and each row must sum to 1")
         t = y
         num_classes = y.shape[1]
@@ -40,11 +48,12 @@ def soft_targets(y: torch.Tensor, num_classes: int | None = None, smoothing: flo
         check_int("num_classes", num_classes, minimum=1)
         if y.dim() != 1:
             raise ValueError(f"integer labels y must have shape (B,), got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        if check and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, num_classes={num_classes}), got values in [{int(y.min())}, {int(y.max())}]"
             )
-        t = F.one_hot(y.long(), num_classes).float()
+        # one-hot by scatter: bounds-checked in the kernel, no host read on any device
+        t = torch.zeros(y.shape[0], num_classes, device=y.device).scatter_(1, y.long()[:, None], 1.0)
     if smoothing:
         t = t * (1.0 - smoothing) + smoothing / num_classes
     return t

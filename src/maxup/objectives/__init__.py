@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_positive
+from .._modules import local, uncompiled
 from ..augment import Augmentation, Identity, ManifoldMixup
 from ..functional import soft_cross_entropy, soft_targets
 from ..functional.manifold import HiddenMix, mix_hidden
@@ -27,6 +28,8 @@ class ObjectiveResult:
     over the rows of ``inputs``; ``losses`` holds one training loss per original sample;
     ``logits``, ``inputs`` and ``targets`` are row-aligned (the chosen copies for MaxUp).
     ``mixing`` is the hidden-feature mixing the rows were forwarded with (Manifold Mixup), or None.
+    ``dense`` says, without reading ``weights``, that every row has a positive weight (so a second
+    pass keeps them all and never has to look: a host read on a GPU); False: it may hold zeros.
     """
 
     loss: torch.Tensor
@@ -36,6 +39,7 @@ class ObjectiveResult:
     targets: torch.Tensor
     weights: torch.Tensor
     mixing: HiddenMix | None = None
+    dense: bool = False
 
 
 class Objective:
@@ -48,14 +52,16 @@ class Objective:
     def reevaluate(model: nn.Module, result: ObjectiveResult) -> ObjectiveResult:
         """The same loss on the same rows, at the model's current weights (rows of weight 0 skipped,
         except under hidden mixing, where they may be partners), with the same hidden mixing."""
-        keep = result.weights > 0
         inputs, targets, weights = result.inputs, result.targets, result.weights
-        if result.mixing is None and not bool(keep.all()):
-            inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
+        dense = result.dense or result.mixing is not None
+        if not dense:
+            keep = weights > 0
+            if not bool(keep.all()):
+                inputs, targets, weights = inputs[keep], targets[keep], weights[keep]
         with mix_hidden(model, result.mixing):
-            logits = model(inputs)
+            logits = _forward_model(model, result.mixing)(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none")
-        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights, result.mixing)
+        return ObjectiveResult((weights * rows).sum(), rows, logits, inputs, targets, weights, result.mixing, dense)
 
     def state_dict(self) -> dict:
         return {}
@@ -64,14 +70,20 @@ class Objective:
         pass
 
 
+def _forward_model(model, mixing: HiddenMix | None):
+    """The model to call: under hidden mixing the uncompiled one (hooks that change every step would
+    make ``torch.compile`` recompile every time)."""
+    return model if mixing is None else uncompiled(model)
+
+
 def _plain(model, inputs, targets, mixing: HiddenMix | None = None) -> ObjectiveResult:
     with mix_hidden(model, mixing):
-        logits = model(inputs)
+        logits = _forward_model(model, mixing)(inputs)
     if not targets.is_floating_point() and targets.dim() == 1:  # class labels; token ids (B, T) stay ids
-        targets = soft_targets(targets, logits.shape[-1])
+        targets = soft_targets(targets, logits.shape[-1], check=False)  # checked where the data entered
     losses = soft_cross_entropy(logits, targets, reduction="none")
     weights = torch.full_like(losses, 1.0 / losses.shape[0]).detach()
-    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights, mixing)
+    return ObjectiveResult(losses.mean(), losses, logits, inputs, targets, weights, mixing, dense=True)
 
 
 def hidden_mixer(augment) -> ManifoldMixup | None:
@@ -127,14 +139,20 @@ class ERM(Objective):
 
 @contextlib.contextmanager
 def frozen_buffers(model: nn.Module):
-    """Run a forward pass without changing the model's buffers (BatchNorm running statistics)."""
-    saved = [b.detach().clone() for b in model.buffers()]
+    """Run a forward pass without changing the model's buffers (BatchNorm running statistics).
+
+    The snapshot and the restore are one fused ``_foreach_copy_`` each (not a kernel per buffer)."""
+    buffers = [b for b in model.buffers()]
+    saved = [torch.empty_like(b) for b in buffers]
+    if buffers:
+        with torch.no_grad():
+            torch._foreach_copy_(saved, buffers)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
 
 
 _SELECT_HIDDEN = ("mode='select' forwards each sample's worst copy alone, but manifold_mixup mixes a copy's hidden "
@@ -171,7 +189,13 @@ class MaxUp(Objective):
             with partners from the same copy, so a copy cannot be forwarded without its partners.
         select_batch_size: most rows the selection pass forwards at once (bounds its
             memory); default: the batch size, one copy per forward, which measured fastest
-            on CPU (see docs/BENCHMARKS.md) and matches the training forward's batch statistics.
+            on CPU (see docs/BENCHMARKS.md) and matches the training forward's batch statistics;
+            except on a GPU with a model that uses no batch statistics in training (no
+            BatchNorm in training mode), where all m copies go in one forward (same losses).
+        select_amp: ``"bf16"`` or ``"fp16"``: run the selection pass under autocast in that
+            precision while training in full precision (it only needs each sample's argmax;
+            see docs/BENCHMARKS.md for how often the choice differs from fp32's). ``None``:
+            the step's own precision.
 
     >>> objective = MaxUp(maxup.augment.CutMix(num_classes=10, per_sample=True), m=4)
     >>> result = objective(model, x, y)          # result.loss.backward()
@@ -179,7 +203,7 @@ class MaxUp(Objective):
 
     def __init__(self, augment: Augmentation, m: int = 4, *, temperature: float = 0.0, include_clean: bool = False,
                  warmup_steps: int = 0, mode: str | None = None, select_batch_size: int | None = None,
-                 score: str = "loss"):
+                 score: str = "loss", select_amp: str | None = None):
         if augment is None:
             augment = Identity()
         if not callable(augment):
@@ -204,6 +228,12 @@ class MaxUp(Objective):
             raise ValueError(_SELECT_HIDDEN)
         self.mode = mode
         self.select_batch_size = None if select_batch_size is None else check_int("select_batch_size", select_batch_size)
+        if select_amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"select_amp must be None, 'bf16' or 'fp16' (the selection pass's autocast precision), "
+                             f"got {select_amp!r}")
+        if select_amp is not None and mode != "select":
+            raise ValueError("select_amp needs mode='select': only the selection pass can run in reduced precision")
+        self.select_amp = select_amp
         self.num_steps = 0
 
     def candidates(self, x, y, generator=None, m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +250,7 @@ class MaxUp(Objective):
             if copies[0][0].shape != x.shape:
                 raise ValueError(f"include_clean needs copies shaped like the inputs, but {self.augment!r} turns "
                                  f"{tuple(x.shape)} into {tuple(copies[0][0].shape)}: drop include_clean")
-            copies.append((x, soft_targets(y, t.shape[-1]).to(x.device) if t.is_floating_point() else y,
+            copies.append((x, soft_targets(y, t.shape[-1], check=False).to(x.device) if t.is_floating_point() else y,
                            None if plan is None else HiddenMix.identity(plan.points, x.shape[0], x.device)))
         plan = None if copies[0][2] is None else HiddenMix.stack([c[2] for c in copies])
         return torch.stack([c[0] for c in copies]), torch.stack([c[1] for c in copies]), plan
@@ -240,7 +270,7 @@ class MaxUp(Objective):
             return _plain(model, xs[pick, rows], ts[pick, rows])
         inputs, targets = xs.flatten(0, 1), ts.flatten(0, 1)
         with mix_hidden(model, plan):
-            logits = model(inputs)
+            logits = _forward_model(model, plan)(inputs)
         rows = soft_cross_entropy(logits, targets, reduction="none").view(k, b)
         weights = self._weights(self._score(rows.detach(), ts))
         losses = (weights * rows).sum(0)
@@ -262,12 +292,24 @@ class MaxUp(Objective):
         return losses - (entropy.mean(-1) if entropy.dim() > 2 else entropy)  # sequences: mean over tokens
 
     def _losses(self, model, xs, ts) -> torch.Tensor:
-        """(k, B) losses of every copy from a no-grad pass that leaves the model's buffers untouched."""
+        """(k, B) losses of every copy from a no-grad pass that leaves the model's buffers untouched.
+
+        The pass runs on the model without its DDP wrapper: it needs no gradient synchronisation, and
+        DDP would broadcast the buffers before every one of its forwards."""
         k, b = ts.shape[:2]
-        per = max(1, (self.select_batch_size or b) // b)  # whole copies per chunk
-        with torch.no_grad(), frozen_buffers(model):
+        net = local(model)
+        rows = self.select_batch_size
+        if rows is None:
+            fuse = xs.device.type != "cpu" and not _batch_statistics(net)
+            rows = k * b if fuse else b
+        per = max(1, rows // b)  # whole copies per chunk
+        precision = contextlib.nullcontext()
+        if self.select_amp is not None:
+            precision = torch.autocast(xs.device.type, dtype=torch.bfloat16 if self.select_amp == "bf16" else torch.float16)
+        with torch.no_grad(), frozen_buffers(net), precision:
             return torch.cat([
-                soft_cross_entropy(model(xs[i:i + per].flatten(0, 1)), ts[i:i + per].flatten(0, 1), reduction="none")
+                soft_cross_entropy(net(xs[i:i + per].flatten(0, 1)), ts[i:i + per].flatten(0, 1),
+                                   reduction="none").float()
                 for i in range(0, k, per)
             ]).view(k, b)
 
@@ -280,7 +322,12 @@ class MaxUp(Objective):
     def __repr__(self) -> str:
         return (f"MaxUp({self.augment!r}, m={self.m}, temperature={self.temperature}, "
                 f"include_clean={self.include_clean}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
-                f"score={self.score!r})")
+                f"score={self.score!r}" + (f", select_amp={self.select_amp!r})" if self.select_amp else ")"))
+
+
+def _batch_statistics(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` normalises with batch statistics (BatchNorm-like layers in training mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
 
 
 __all__ = ["ERM", "MaxUp", "Objective", "ObjectiveResult", "frozen_buffers", "hidden_mixer"]

@@ -44,6 +44,7 @@ from ..functional import _random as R
 from ..functional import soft_cross_entropy
 from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, frozen_buffers
 from ..optim import sam_perturbation
+from .._modules import local
 from .sam import SAM, _unwrap
 
 __all__ = ["BGMix", "DGMix", "GMix", "bgmix", "bgmix_partition", "dgmix_weights", "make_bgmix", "make_dgmix",
@@ -253,7 +254,7 @@ class GMix(SAM):
     def _evaluate(self, model, x, y, generator) -> ObjectiveResult:
         if self.split is None:
             return self.objective(model, x, y, generator)
-        net = _unwrap(model)  # the sensitivity pass is local: no DDP hooks
+        net = local(model)  # the sensitivity pass is local: no DDP hooks (a compiled net stays compiled)
         with frozen_buffers(net):  # open until the backward: BatchNorm's backward reads the buffers' versions
             plain = self.objective(net, x, y, generator)
             b = plain.inputs.shape[0]
@@ -269,7 +270,7 @@ class GMix(SAM):
             logits = model(inputs)
             rows = soft_cross_entropy(logits, targets, reduction="none")
             weights = torch.full_like(rows, 1.0 / b).detach()
-            return ObjectiveResult(rows.mean(), rows, logits, inputs, targets, weights)
+            return ObjectiveResult(rows.mean(), rows, logits, inputs, targets, weights, dense=True)
         q = dgmix_weights(s).to(x0.dtype)
         lam, perm = self._draw(b, generator, x0.device)
         x_mix, t_mix = MF.mixup(x0, t0, lam, perm)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_int_tuple, check_positive
+from .._modules import uncompiled
 from ..functional import _random as R
 from ..functional.manifold import mix_hidden
 from ..objectives import Objective, ObjectiveResult
@@ -92,7 +93,8 @@ def draw_subnets(n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None, *
     """The ``(width, resolution)`` of each sub-network: the smallest width first, the others uniform in the range.
 
     Resolutions are drawn uniformly (with replacement) from ``resolutions``; ``None``
-    keeps the input as it is. Widths first, then resolutions, from ``generator``.
+    keeps the input as it is. Widths first, then resolutions, from ``generator`` (its
+    host generator for a :class:`maxup.functional._random.DeviceGenerator`: the host needs them).
 
     >>> draw_subnets(3, (0.8, 1.0), (32, 28, 24), generator=torch.Generator().manual_seed(0))
     [(0.8, 28), (0.994..., 24), (0.941..., 28)]
@@ -100,12 +102,12 @@ def draw_subnets(n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None, *
     n = check_int("n_subnets", n_subnets)
     lo, hi = check_width_range(width_range)
     res = _check_resolutions(resolutions)
-    u = R.rand((n - 1,), generator=generator, dtype=torch.float64)
-    widths = [lo] + [lo + (hi - lo) * float(v) for v in u]
+    u = R.host_rand(n - 1, generator=generator, dtype=torch.float64)  # host choices: from the host generator
+    widths = [lo] + [lo + (hi - lo) * v for v in u]
     if res is None:
         return [(w, None) for w in widths]
-    pick = R.randint(len(res), (n,), generator=generator)
-    return [(w, res[int(i)]) for w, i in zip(widths, pick)]
+    pick = R.host_randint(len(res), n, generator=generator)
+    return [(w, res[i]) for w, i in zip(widths, pick)]
 
 
 def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -225,16 +227,17 @@ class GradAug(SAM):
     def _distill(self, model, result: ObjectiveResult, sync: bool) -> None:
         """Forward and backward of every sub-network on ``result``'s rows, distilled towards its logits."""
         inputs, teacher, weights = result.inputs, result.logits.detach(), result.weights.detach()
-        keep = weights > 0
-        if result.mixing is None and not bool(keep.all()):  # under hidden mixing the rows may be partners: keep all
-            inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
+        if result.mixing is None and not result.dense:  # under hidden mixing the rows may be partners: keep all
+            keep = weights > 0
+            if not bool(keep.all()):
+                inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
         net = _unwrap(model)
         last = len(self.last_subnets) - 1
         for i, (width, resolution) in enumerate(self.last_subnets):
             with _sync(model, sync and i == last), set_width(net, width), _batch_statistics(net), \
                     mix_hidden(net, result.mixing):
-                with self.autocast(inputs):
-                    logits = model(resize(inputs, resolution))
+                with self.autocast(inputs):  # sliced widths change the forward's structure: never compiled
+                    logits = uncompiled(model)(resize(inputs, resolution))
                 if logits.shape != teacher.shape:
                     raise ValueError(f"a sub-network's output has shape {tuple(logits.shape)} but the full network's "
                                      f"{tuple(teacher.shape)}: its classifier was sliced; name the classifier with "

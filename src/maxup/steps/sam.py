@@ -31,9 +31,8 @@ import contextlib
 import dataclasses
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-
 from .._checks import check_int
+from .._modules import ddp, unwrap
 from ..objectives import Objective, ObjectiveResult, frozen_buffers
 from ..optim import SAM as SAMOptimizer
 from ..optim import _check_eta, _check_flag, _check_rho, is_weight_name, sam_perturbation
@@ -43,14 +42,14 @@ __all__ = ["SAM", "make_asam", "make_sam"]
 
 
 def _sync(model, sync: bool):
-    """``model.no_sync()`` for a DistributedDataParallel model when ``sync`` is False."""
-    if not sync and isinstance(model, DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
+    """``model.no_sync()`` for a DistributedDataParallel model (also inside ``torch.compile``) when ``sync`` is False."""
+    wrapper = ddp(model) if not sync else None
+    return wrapper.no_sync() if wrapper is not None else contextlib.nullcontext()
 
 
 def _unwrap(model):
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The network itself (no DDP or ``torch.compile`` wrapper): for name lookups and width slicing."""
+    return unwrap(model)
 
 
 def _scaled(result: ObjectiveResult, frac: float) -> ObjectiveResult:
@@ -65,7 +64,8 @@ def _merge(results: list[ObjectiveResult]) -> ObjectiveResult:
         return results[0]
     cat = lambda name: torch.cat([getattr(r, name).detach() for r in results])  # noqa: E731
     loss = torch.stack([r.loss.detach() for r in results]).sum()
-    return ObjectiveResult(loss, cat("losses"), cat("logits"), cat("inputs"), cat("targets"), cat("weights"))
+    return ObjectiveResult(loss, cat("losses"), cat("logits"), cat("inputs"), cat("targets"), cat("weights"),
+                           dense=all(r.dense for r in results))
 
 
 class SAM(Step):

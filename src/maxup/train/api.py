@@ -45,7 +45,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         lr: float = 0.05, optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 5e-4,
         warmup_epochs: float = 0.0, seed: int = 0, device=None, out_dir=None, amp: str | None = None,
         max_grad_norm: float | None = None, num_classes: int | None = None, progress: bool | None = None,
-        resume: bool = False, config: dict | None = None) -> list[dict]:
+        resume: bool = False, config: dict | None = None, compile: bool | str = False, channels_last: bool = False,
+        tf32: bool = True) -> list[dict]:
     """Train ``model`` with a method spec and return the metrics history (one dict per epoch).
 
     Builds the optimizer (:func:`make_optimizer`), a per-step cosine schedule with linear
@@ -54,7 +55,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     numpy arrays of any sample shape (images (N, C, H, W), signals (N, C, L), features
     (N, D)) or :class:`maxup.data.TensorData`. ``num_classes`` defaults to the largest
     label + 1. ``config`` adds entries to the ``config.yaml`` of the run (the CLI records the
-    dataset there). See :class:`Trainer` for ``out_dir``, ``resume`` and the history keys.
+    dataset there). See :class:`Trainer` for ``out_dir``, ``resume``, the history keys and the speed
+    settings ``compile`` (``torch.compile`` the model), ``channels_last`` and ``tf32`` (CUDA only).
 
     >>> history = maxup.fit(model, "maxup(m=4)+cutmix", train=(x, y), test=(x_test, y_test), epochs=30)
     >>> history[-1]["test_accuracy"]
@@ -72,7 +74,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     if num_classes is None:
         num_classes = largest + 1
     device = D.resolve_device(device)
-    module = D.unwrap_model(model).to(device)
+    module = D.unwrap_model(model).to(device)  # the plain network (a compiled model's _orig_mod)
     opt = make_optimizer(module, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     step_options = {k: v for k, v in (("amp", amp), ("max_grad_norm", max_grad_norm)) if v is not None}
     step = methods.build_step(method, model=module, optimizer=opt, num_classes=num_classes, **step_options)
@@ -94,7 +96,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         **(config or {}),
     }
     trainer = Trainer(model, step, train_d, test=test_d, val=val_d, epochs=epochs, batch_size=batch_size, seed=seed,
-                      device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes)
+                      device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes,
+                      compile=compile, channels_last=channels_last, tf32=tf32)
     try:
         trainer.scheduler = make_scheduler(opt, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
                                            warmup_epochs=warmup_epochs)

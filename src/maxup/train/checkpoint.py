@@ -326,8 +326,9 @@ def prune_checkpoints(directory, keep: int) -> list[Path]:
 
 
 def capture_rng(generator: torch.Generator | None = None) -> dict:
-    """Every RNG state as plain values and tensors: torch CPU, CUDA (if available), ``generator``,
-    Python ``random`` and numpy's global ``RandomState``."""
+    """Every RNG state as plain values and tensors: torch CPU, CUDA (if available), ``generator`` (and the
+    host generator of a :class:`maxup.functional._random.DeviceGenerator`), Python ``random`` and numpy's
+    global ``RandomState``."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
@@ -340,6 +341,10 @@ def capture_rng(generator: torch.Generator | None = None) -> dict:
         state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
     if generator is not None:
         state["generator"] = generator.get_state()
+        state["generator_device"] = generator.device.type
+        host = getattr(generator, "host", None)  # a DeviceGenerator's CPU generator for host-side choices
+        if host is not None:
+            state["host_generator"] = host.get_state()
     return state
 
 
@@ -358,7 +363,16 @@ def restore_rng(state: dict, generator: torch.Generator | None = None) -> None:
             warnings.warn(f"the checkpoint holds {len(state['cuda'])} CUDA RNG states but this machine has "
                           f"{torch.cuda.device_count()} GPUs; CUDA RNG states not restored", stacklevel=3)
     if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+        saved = state.get("generator_device", "cpu")
+        if saved != generator.device.type:
+            warnings.warn(f"the checkpoint's augmentation generator ran on {saved}, this run's on "
+                          f"{generator.device.type}: its state cannot carry over, the randomness starts afresh",
+                          stacklevel=3)
+        else:
+            generator.set_state(state["generator"])
+        host = getattr(generator, "host", None)
+        if host is not None and "host_generator" in state:
+            host.set_state(state["host_generator"])
 
 
 __all__ = [

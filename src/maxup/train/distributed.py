@@ -39,21 +39,23 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def resolve_device(device=None) -> torch.device:
+def resolve_device(device=None, *, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device``; by default ``cuda`` when available (``cuda:LOCAL_RANK`` under
-    torchrun), else ``cpu``. A bare ``"cuda"`` under torchrun also becomes ``cuda:LOCAL_RANK``."""
+    torchrun), else ``cpu``. A bare ``"cuda"`` under torchrun also becomes ``cuda:LOCAL_RANK``.
+    A CUDA device on a machine without one (or a GPU index that does not exist) is a ValueError
+    naming ``name`` (the CLI passes ``"--device"``)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch.device or a string such as 'cpu' or 'cuda:0', "
+        raise ValueError(f"{name} must be a torch.device or a string such as 'cpu' or 'cuda:0', "
                          f"got {device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine (torch "
-                         f"{torch.__version__}); use device 'cpu' (CLI: --device cpu)")
+        raise ValueError(f"{name} {str(device)!r}: CUDA is not available on this machine (torch "
+                         f"{torch.__version__}); use {name} cpu, or leave it unset")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise ValueError(f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0")
     if device.type == "cuda" and device.index is None and env_world_size() > 1:
         device = torch.device("cuda", env_local_rank())
@@ -122,10 +124,9 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DDP (or DataParallel) wrapper."""
-    while isinstance(model, (DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DDP, DataParallel and ``torch.compile`` wrappers."""
+    from .._modules import unwrap
+    return unwrap(model)
 
 
 def _comm_device() -> torch.device:

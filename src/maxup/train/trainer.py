@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from .._checks import check_int
+from .._modules import _compiled, strip_compile_prefix
 from ..data import Loader, TensorData
+from ..functional._random import DeviceGenerator
 from . import distributed as D
 from .checkpoint import (
     FORMAT_VERSION,
@@ -36,6 +38,7 @@ from .checkpoint import (
 )
 from .logs import RunFiles, plain
 from .metrics import evaluate
+from .speed import compile_model, configure_backends
 
 #: history keys that measure time: they differ between runs, everything else is reproducible
 TIMING_KEYS = ("time", "train_time", "samples_per_s")
@@ -68,6 +71,11 @@ def generator_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(rank)]).generate_state(1, dtype=np.uint64)[0])
 
 
+def host_generator_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s host generator (host-side choices), independent of :func:`generator_seed`."""
+    return int(np.random.SeedSequence([int(seed), int(rank), 1]).generate_state(1, dtype=np.uint64)[0])
+
+
 def _check_data(name: str, data, *, required: bool = False):
     if data is None and not required:
         return None
@@ -83,9 +91,18 @@ class Trainer:
     """Train ``model`` with a maxup step for ``epochs`` epochs, evaluating on ``val`` and ``test``.
 
     Each epoch the loader's order is set from ``(seed, epoch)``, every batch goes through
-    ``step(model, x, y, generator)`` with one CPU ``torch.Generator`` (seeded from
-    ``(seed, rank)``) supplying all augmentation randomness, and ``scheduler.step()``
-    follows each optimizer step. One history record per epoch holds ``epoch``, ``step``
+    ``step(model, x, y, generator)`` with one generator on the training device (a
+    :class:`maxup.functional._random.DeviceGenerator` seeded from ``(seed, rank)``) supplying
+    the augmentation randomness, drawn where the data is, and its CPU generator
+    (``generator.host``) the choices the host must know (GradAug's widths, Manifold Mixup's
+    layer); ``scheduler.step()`` follows each optimizer step. Both generators are checkpointed.
+    On CPU a run is bit-identical to itself, resumed or not; a GPU run draws from CUDA's
+    Philox generator, so its augmentations differ from a CPU run with the same seed (the
+    host choices and the data order do not).
+
+    The step makes no host read (see ``benchmarks/host_syncs.py``); the trainer checks the
+    loss for NaN or infinity on the device and reads the verdict every ``check_every`` steps
+    and at the end of each epoch, so an error names the first bad step and the steps since. One history record per epoch holds ``epoch``, ``step``
     (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
     ``train_accuracy`` (on the augmented batches), ``val_*``/``test_*`` (``accuracy``, ``loss``,
     ``ece``, and ``perplexity`` for token sequences; see :func:`evaluate`), on the last epoch
@@ -113,6 +130,12 @@ class Trainer:
         progress: a tqdm bar on stderr; ``None`` shows one when stderr is a terminal.
         config: the run's resolved configuration, saved in ``config.yaml`` with the trainer settings.
         log_tensorboard: also write TensorBoard scalars (skipped, with one warning, without tensorboard).
+        check_every: read the non-finite-loss flag (and the progress bar's loss) every this many steps.
+        compile: ``torch.compile`` the model (:func:`maxup.train.speed.compile_model`); a string names the
+            backend (``"inductor"`` for True, ``"eager"``/``"aot_eager"`` to debug). Checkpoints and
+            ``model.pt`` hold the plain model's state either way.
+        channels_last: the model and 4-D inputs in channels-last memory format.
+        tf32: on CUDA, allow TF32 in fp32 matrix multiplies and convolutions (and set cudnn.benchmark).
 
     Raises (from :meth:`fit`):
         NonFiniteLossError: a NaN or infinite loss; the last good checkpoint is kept.
@@ -123,7 +146,8 @@ class Trainer:
                  val: TensorData | None = None, epochs: int = 10, batch_size: int = 128, scheduler=None, seed: int = 0,
                  device=None, out_dir=None, keep_checkpoints: int = 2, checkpoint_every: int = 1,
                  config: dict | None = None, progress: bool | None = None, num_classes: int,
-                 log_tensorboard: bool = False):
+                 log_tensorboard: bool = False, check_every: int = 50, compile: bool | str = False,
+                 channels_last: bool = False, tf32: bool = True):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = getattr(step, "optimizer", None)
@@ -139,6 +163,15 @@ class Trainer:
         self.keep_checkpoints = check_int("keep_checkpoints", keep_checkpoints)
         self.checkpoint_every = check_int("checkpoint_every", checkpoint_every)
         self.num_classes = check_int("num_classes", num_classes)
+        self.check_every = check_int("check_every", check_every)
+        for name, flag in (("channels_last", channels_last), ("tf32", tf32)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if not isinstance(compile, (bool, str)) or compile == "":
+            raise ValueError(f"compile must be True, False or a torch.compile backend name, got {compile!r}")
+        self.compile = "inductor" if compile is True else (compile or None)
+        self.channels_last = channels_last
+        self.tf32 = tf32
         for name, data in (("train", train), ("val", val), ("test", test)):
             if data is not None and int(data.y.max()) >= self.num_classes:
                 raise ValueError(f"{name} holds label {int(data.y.max())}, out of range for num_classes={num_classes}")
@@ -159,11 +192,21 @@ class Trainer:
         self.device = D.resolve_device(device)
         self.dist = D.setup(self.device)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.backends = configure_backends(self.device, tf32=tf32)
         self.module = D.unwrap_model(model).to(self.device)
-        self.model = D.wrap_model(model, self.device) if self.dist.enabled else self.module
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        net = self.module
+        if self.compile:  # DDP around the compiled net: MaxUp's selection forwards it without DDP's broadcasts
+            net = compile_model(net, backend=self.compile)
+        elif _compiled(model) and not self.dist.enabled:
+            net = model  # compiled by the caller
+        self.model = D.wrap_model(net, self.device) if self.dist.enabled else net
         self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
-                             world_size=self.world_size, device=self.device)
-        self.generator = torch.Generator().manual_seed(generator_seed(self.seed, self.rank))
+                             world_size=self.world_size, device=self.device,
+                             memory_format=torch.channels_last if channels_last else None)
+        self.generator = DeviceGenerator(self.device, seed=generator_seed(self.seed, self.rank),
+                                         host_seed=host_generator_seed(self.seed, self.rank))
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.history: list[dict] = []
         self.epoch = 0  # epochs completed
@@ -256,14 +299,27 @@ class Trainer:
         n_steps = len(self.loader)
         bar = self._bar(epoch, n_steps)
         lr = self.optimizer.param_groups[0]["lr"]
+        # non-finite losses are noted on the device (the first bad step and its loss) and read every
+        # check_every steps and at the epoch's end: no host read per step
+        first_bad = torch.zeros((), dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+        since, lrs = 1, {}
+        shown = time.perf_counter()
         try:
             for i, (x, y) in enumerate(self.loader, 1):
                 lr = self.optimizer.param_groups[0]["lr"]
+                lrs[i] = lr
                 result = self.step(self.model, x, y, self.generator)
                 loss = result.loss.detach().float()
-                bad = ~torch.isfinite(loss)
-                if D.any_rank(bad) if self.dist.enabled else bool(bad):
-                    raise self._nonfinite(epoch, i, n_steps, loss, lr)
+                new = (first_bad == 0) & ~torch.isfinite(loss)
+                first_bad = torch.where(new, i, first_bad)
+                bad_loss = torch.where(new, loss, bad_loss)
+                if i % self.check_every == 0 or i == n_steps:
+                    bad = first_bad > 0
+                    if D.any_rank(bad) if self.dist.enabled else bool(bad):
+                        at = int(first_bad) or i  # 0: another rank's loss
+                        raise self._nonfinite(epoch, at, n_steps, bad_loss, lrs.get(at, lr), checked=(since, i))
+                    since, lrs = i + 1, {}
                 self.global_step += 1
                 if self.scheduler is not None:
                     self.scheduler.step()
@@ -276,7 +332,10 @@ class Trainer:
                 sums[3] += labels.numel()
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", acc=f"{(sums[2] / sums[3]).item():.3f}", refresh=False)
+                    if time.perf_counter() - shown >= 1.0 or i == n_steps:  # one host read a second at most
+                        shown = time.perf_counter()
+                        value, acc = torch.stack([loss.double(), sums[2] / sums[3]]).tolist()
+                        bar.set_postfix(loss=f"{value:.4f}", acc=f"{acc:.3f}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()
@@ -305,17 +364,20 @@ class Trainer:
         record["time"] = time.perf_counter() - start
         return record
 
-    def _nonfinite(self, epoch: int, i: int, n_steps: int, loss: torch.Tensor, lr: float) -> NonFiniteLossError:
+    def _nonfinite(self, epoch: int, i: int, n_steps: int, loss: torch.Tensor, lr: float,
+                   checked: tuple[int, int] | None = None) -> NonFiniteLossError:
         last = last_good_checkpoint(self.checkpoint_dir, skip=TIMING_KEYS) if self.checkpoint_dir is not None else None
         kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
         value = loss.item() if bool(~torch.isfinite(loss)) else "non-finite on another rank"
         clip = (f"max_grad_norm (now {self.step.max_grad_norm})" if getattr(self.step, "max_grad_norm", None)
                 else "max_grad_norm=1.0 (gradient clipping)")
+        lag = 0 if checked is None else checked[1] - i  # steps run after the bad one, before the check read it
+        where = "" if checked is None else f", found by the check of steps {checked[0]}-{checked[1]}"
         return NonFiniteLossError(
             f"training loss is {value} at epoch {epoch + 1}, step {i} of {n_steps} (global step "
-            f"{self.global_step + 1}); stopped without saving this state{kept}. Try a lower learning rate "
-            f"(now {lr:.4g}) or set {clip}.",
-            epoch=epoch + 1, step=i, global_step=self.global_step + 1)
+            f"{self.global_step + 1 - lag}{where}); stopped without saving this state{kept}. Try a lower learning "
+            f"rate (now {lr:.4g}) or set {clip}.",
+            epoch=epoch + 1, step=i, global_step=self.global_step + 1 - lag)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -413,7 +475,7 @@ class Trainer:
     def _restore(self, state: dict, path: Path) -> None:
         self._check_settings(state, path)
         try:
-            self.module.load_state_dict(state["model"])
+            self.module.load_state_dict(strip_compile_prefix(state["model"]))
             self.optimizer.load_state_dict(state["optimizer"])
             if self.scheduler is not None:
                 if state.get("scheduler") is None:
@@ -473,6 +535,9 @@ class Trainer:
             "keep_checkpoints": self.keep_checkpoints,
             "checkpoint_every": self.checkpoint_every,
             "torch": torch.__version__,
+            "compile": self.compile,
+            "channels_last": self.channels_last,
+            **({"tf32": self.tf32} if self.device.type == "cuda" else {}),
         }
         config = dict(self.config)
         config["trainer"] = {**settings, **dict(config.get("trainer") or {})}
@@ -510,4 +575,5 @@ class Trainer:
         return "  ".join(parts)
 
 
-__all__ = ["NonFiniteLossError", "NonFiniteStateError", "RESUMABLE", "TIMING_KEYS", "Trainer", "generator_seed"]
+__all__ = ["NonFiniteLossError", "NonFiniteStateError", "RESUMABLE", "TIMING_KEYS", "Trainer", "generator_seed",
+           "host_generator_seed"]
