@@ -33,7 +33,7 @@ LM_METHODS="erm,embed_noise(sigma=0.1),maxup(m=4)+embed_noise(sigma=0.1),word_dr
 grid_args() {
   case $1 in
     fm1k) echo "$FM_COMMON --train-size 1000 --epochs 150" ;;
-    fm5k) echo "$FM_COMMON --train-size 5000 --epochs 60" ;;
+    fm5k) echo "$FM_COMMON --train-size 5000 --epochs 40" ;;
     fm1k_score) echo "$FM_COMMON --train-size 6000 --val-size 5000 --epochs 150" ;;
     lm) echo "--task lm --corpus $KJV --train-tokens 100000 --epochs 25 --seeds 3" ;;
     *) echo "unknown grid $1 (fm1k, fm5k, fm1k_score, lm)" >&2; return 2 ;;
@@ -42,7 +42,7 @@ grid_args() {
 grid_methods() {
   case $1 in
     fm1k) fm_methods 40 375 ;;   # 8 steps per epoch; the base runs 2.5x as many epochs as MaxUp's ratio to it
-    fm5k) fm_methods 200 150 ;;  # 40 steps per epoch
+    fm5k) fm_methods 200 100 ;;  # 40 steps per epoch
     fm1k_score) echo "$SCORE_METHODS" ;;
     lm) echo "$LM_METHODS" ;;
   esac
@@ -52,11 +52,13 @@ train() {  # one grid: train (continuing), stopped at the deadline when LIMIT is
   local args methods
   args=$(grid_args "$1") || return 2
   methods=$(grid_methods "$1")
-  local run=("$PY" -m maxup compare $args --methods "$methods" --out "$RUNS/$1" --resume --jobs "$JOBS" --no-progress)
+  local jobs
+  jobs=$(eval echo "\${JOBS_$1:-$JOBS}")  # JOBS_fm5k=6: that grid's own number of worker processes
+  local run=("$PY" -m maxup compare $args --methods "$methods" --out "$RUNS/$1" --resume --jobs "$jobs" --no-progress)
   if [ -n "${DEADLINE:-}" ]; then
     local left=$((DEADLINE - $(date +%s)))
     [ "$left" -gt 0 ] || return 0
-    timeout --signal=INT "$left" "${run[@]}"
+    timeout --signal=INT --kill-after=20 "$left" "${run[@]}"
   else
     "${run[@]}"
   fi

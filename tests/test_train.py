@@ -116,7 +116,8 @@ def test_trainer_learns_and_writes_run_files(tmp_path, capsys):
     model = MLP()
     opt = make_optimizer(model, "sgd", lr=0.1)
     step = build_step("erm", model=model, optimizer=opt, num_classes=2)
-    trainer = Trainer(model, step, blobs(150), val=blobs(40, seed=2), test=blobs(60, seed=1), epochs=3,
+    train = blobs(150)
+    trainer = Trainer(model, step, train, val=blobs(40, seed=2), test=blobs(60, seed=1), epochs=3,
                       batch_size=32, out_dir=tmp_path, keep_checkpoints=2, num_classes=2, progress=True,
                       config={"experiment": "blobs"}, device="cpu")
     trainer.scheduler = make_scheduler(opt, epochs=3, steps_per_epoch=trainer.steps_per_epoch)
@@ -130,12 +131,17 @@ def test_trainer_learns_and_writes_run_files(tmp_path, capsys):
     keys = {"epoch", "step", "lr", "train_loss", "train_accuracy", "val_accuracy", "val_loss", "val_ece",
             "test_accuracy", "test_loss", "test_ece", "train_time", "time", "samples_per_s"}
     assert set(history[0]) == keys
+    clean = {"clean_train_accuracy", "clean_train_loss", "clean_train_ece"}  # the last epoch: convergence
+    assert set(history[-1]) == keys | clean
+    fitted = evaluate(model, train, num_classes=2)  # the training set in eval mode, no augmentation
+    assert history[-1]["clean_train_accuracy"] == fitted["accuracy"]
+    assert history[-1]["clean_train_loss"] == pytest.approx(fitted["loss"], rel=1e-6)
     assert "epoch 1/3" in capsys.readouterr().err  # the progress bar
 
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == history
     csv_lines = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert len(csv_lines) == 4 and set(csv_lines[0].split(",")) == keys
+    assert len(csv_lines) == 4 and set(csv_lines[0].split(",")) == keys | clean
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["experiment"] == "blobs"
     assert config["trainer"]["epochs"] == 3 and config["trainer"]["batch_size"] == 32

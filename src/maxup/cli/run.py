@@ -604,17 +604,20 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
-                                     initargs=(threads,)) as pool:
+            pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(threads,))
+            try:
                 futures = {pool.submit(runner, config, out_dir=run_dir, progress=False, resume=args.resume):
                            (spec, seed) for spec, seed, config, run_dir in runs}
-                try:
-                    for future in as_completed(futures):
-                        done(*futures[future], future.result())
-                except BaseException:
-                    for future in futures:
-                        future.cancel()
-                    raise
+                for future in as_completed(futures):
+                    done(*futures[future], future.result())
+            except BaseException:  # an error or an interrupt: stop the runs in flight (they resume from checkpoints)
+                workers = list(getattr(pool, "_processes", {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for worker in workers:
+                    worker.terminate()
+                raise
+            pool.shutdown()
     finally:
         if bar is not None:
             bar.close()
