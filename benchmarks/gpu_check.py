@@ -143,6 +143,8 @@ def _setup(spec, args, *, batch, size, channels=3, model="cnn", amp=None, compil
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     step = M.build_step(spec, model=net, optimizer=opt, num_classes=10, **({"amp": amp} if amp else {}))
     runner = compile_model(net, backend=args.backend) if compile else net
+    if is_cuda(args):  # as the Trainer sets it: no cuDNN autotuning for steps whose shapes change (GradAug)
+        torch.backends.cudnn.benchmark = getattr(step, "fixed_shapes", True)
     g = DeviceGenerator(args.device, seed=0, host_seed=1)
     x = torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(0)).to(args.device)
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(1)).to(args.device)

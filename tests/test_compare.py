@@ -12,6 +12,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--test-size", "120", "--train-size", "200", "--batch-size", "64", "--no-progress"]
 
 
+def untimed(runs):
+    return {m: [[{k: v for k, v in e.items() if "time" not in k and k != "samples_per_s"} for e in h] for h in hs]
+            for m, hs in runs.items()}
+
+
 def _history(epochs, test, clean, time=1.0):
     rows = [{"epoch": e + 1, "train_time": time, "test_accuracy": test, "test_loss": 0.5, "test_ece": 0.1}
             for e in range(epochs)]
@@ -76,9 +81,7 @@ def test_worker_processes_give_the_same_runs_as_one_process(tmp_path):
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0
     assert main(argv + ["--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
     one, two = (json.loads((tmp_path / d / "results.json").read_text())["runs"] for d in ("one", "two"))
-    strip = lambda runs: {m: [[{k: v for k, v in e.items() if "time" not in k and k != "samples_per_s"} for e in h]
-                               for h in hs] for m, hs in runs.items()}
-    assert strip(one) == strip(two)
+    assert untimed(one) == untimed(two)
 
 
 def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys):
@@ -89,6 +92,9 @@ def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys
     assert main(argv + ["--report"]) == 0  # everything finished: the same summary, nothing trained
     assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]
     (out / "cutout" / "seed-1" / "metrics.jsonl").unlink()
+    assert main(argv + ["--report"]) == 0  # the run is still recorded in results.json
+    assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]
+    (out / "results.json").unlink()
     assert main(argv + ["--report"]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["missing"] == ["cutout seed 1"] and "not finished, left out: cutout seed 1" in again["budget"]
@@ -96,6 +102,30 @@ def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys
     assert again["runs"]["cutout"] == first["runs"]["cutout"][:1]
     assert main(["compare", "--methods", "mixup", "--out", str(out), *TINY, "--report"]) == 2
     assert "no finished run" in capsys.readouterr().err
+
+
+def test_resume_reuses_the_runs_of_a_results_json_and_trains_the_rest(tmp_path):
+    """A committed grid continues: its results.json is copied into a fresh --out, only the missing runs train."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "erm,cutout", "--epochs", "1", "--seeds", "2", *TINY]
+    assert main(argv + ["--out", str(out)]) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["seeds"] == {"erm": [0, 1], "cutout": [0, 1]}
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    kept = dict(first, runs={"erm": first["runs"]["erm"], "cutout": first["runs"]["cutout"][1:]},
+                seeds={"erm": [0, 1], "cutout": [1]})
+    kept["runs"]["erm"][0][-1]["test_accuracy"] = 0.123  # marks a reused run
+    (fresh / "results.json").write_text(json.dumps(kept))
+    assert main(argv + ["--out", str(fresh), "--resume"]) == 0
+    again = json.loads((fresh / "results.json").read_text())
+    assert again["runs"]["erm"][0][-1]["test_accuracy"] == 0.123
+    assert not (fresh / "erm").exists() and (fresh / "cutout" / "seed-0" / "metrics.jsonl").exists()
+    assert untimed(again["runs"])["cutout"] == untimed(first["runs"])["cutout"]  # seed 0 retrained: the same run
+    other = dict(kept, budget=kept["budget"].replace("batch 64", "batch 32"))  # another budget: nothing reused
+    (fresh / "results.json").write_text(json.dumps(other))
+    assert main(argv + ["--out", str(fresh), "--resume"]) == 0
+    assert (fresh / "erm" / "seed-0" / "metrics.jsonl").exists()
 
 
 def test_bad_jobs_is_refused(capsys):

@@ -175,13 +175,12 @@ def compare_lm(args) -> list[dict]:
     out = Path(args.out)
     splits = load_corpus(corpus_folder(args.corpus), bptt=args.bptt, train_tokens=args.train_tokens)
     start = time.perf_counter()
-    results, missing = run_comparison(args, specs, lambda spec, seed: lm_config(args, spec, seed), run_lm,
-                             lambda seed: splits,
-                             lambda spec, seed, last: f"{spec} seed {seed}: test perplexity {last['test_perplexity']:.2f}")
     budget = (f"{splits.name} (vocabulary {splits.num_classes}, {len(splits.train)} training segments of {args.bptt} "
               f"tokens), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, batch {args.batch_size}, "
               f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
+    results, missing = run_comparison(
+        args, specs, lambda spec, seed: lm_config(args, spec, seed), run_lm, lambda seed: splits,
+        lambda spec, seed, last: f"{spec} seed {seed}: test perplexity {last['test_perplexity']:.2f}", budget)
     return report(results, out, budget, start, title="maxup compare --task lm", keys=SUMMARY_KEYS, columns=LM_COLUMNS,
-                  missing=missing,
-                  key="test_perplexity", curve_key="val_perplexity", scale=1.0, label="test perplexity",
+                  missing=missing, key="test_perplexity", curve_key="val_perplexity", scale=1.0, label="test perplexity",
                   curve_label="valid perplexity")

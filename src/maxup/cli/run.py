@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -319,8 +320,10 @@ def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: 
     print(f"\n{budget}\n\n{text}\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(f"# {title}\n\n{budget}\n\n{text}\n\nwall time {time.perf_counter() - start:.0f} s\n")
+    seeds = {m: [s for s in range(len(hs) + sum(x.startswith(f"{m} seed ") for x in missing))
+                 if f"{m} seed {s}" not in missing] for m, hs in results.items()}
     (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results,
-                                                  "missing": list(missing)}, indent=1))
+                                                  "seeds": seeds, "missing": list(missing)}, indent=1))
     plot(results, rows, out / "results.png", budget, **plot_options)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return rows
@@ -553,11 +556,13 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_comparison(args, specs: list[str], make_config, runner, load, describe) -> dict[str, list[list[dict]]]:
+def run_comparison(args, specs: list[str], make_config, runner, load, describe, budget: str):
     """Every method of ``specs`` (``METHOD@epochs=N`` gives one its own budget) with every seed, each run in
     ``args.out/<method>/seed-N`` through ``runner(config, out_dir=..., ...)``: in this process, the data of a seed
-    loaded once by ``load(seed)``, or in ``args.jobs`` worker processes (each loads its own). Finished runs are
-    reused with ``--resume``. Returns each method's histories in seed order."""
+    loaded once by ``load(seed)``, or in ``args.jobs`` worker processes (each loads its own). With ``--resume``
+    finished runs are reused: from their checkpoints, from a run folder's metrics.jsonl, or from the
+    ``results.json`` in ``args.out`` when it describes the same ``budget`` (a committed grid continues).
+    Returns each method's histories in seed order and the runs not finished."""
     out = Path(args.out)
     jobs = check_int("--jobs", getattr(args, "jobs", 1))
     if jobs > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -566,8 +571,8 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
     runs = []  # seeds outer: drift on a shared machine hits every method alike
     for seed in range(args.seeds):
         for spec in specs:
-            method, budget = split_budget(spec)
-            runs.append((spec, seed, {**make_config(method, seed), **budget}, out / _slug(spec) / f"seed-{seed}"))
+            method, own = split_budget(spec)
+            runs.append((spec, seed, {**make_config(method, seed), **own}, out / _slug(spec) / f"seed-{seed}"))
     results: dict[str, list] = {s: [None] * args.seeds for s in specs}
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     bar = None
@@ -585,9 +590,19 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
         elif _is_main():
             print(msg, file=sys.stderr, flush=True)
 
+    recorded = recorded_runs(out, budget) if args.resume or getattr(args, "report", False) else {}
+    todo = []
+    for spec, seed, config, run_dir in runs:  # finished runs without checkpoints: copied run folders, results.json
+        history = None if list_checkpoints(run_dir / "checkpoints") else finished_history(run_dir, config["epochs"])
+        history = history or recorded.get((spec, seed))
+        if history is not None and len(history) == config["epochs"]:
+            done(spec, seed, history)
+        else:
+            todo.append((spec, seed, config, run_dir))
+    runs = [] if getattr(args, "report", False) else todo
     try:
         if getattr(args, "report", False):
-            for spec, seed, config, run_dir in runs:
+            for spec, seed, config, run_dir in todo:
                 history = finished_history(run_dir, config["epochs"])
                 if history is not None:
                     done(spec, seed, history)
@@ -625,6 +640,22 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe) 
     return {spec: [h for h in hs if h is not None] for spec, hs in results.items() if any(hs)}, missing
 
 
+def recorded_runs(out: Path, budget: str) -> dict[tuple[str, int], list[dict]]:
+    """The histories in ``out/results.json`` by (method, seed), when it was written for the same ``budget``."""
+    path = Path(out) / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if str(data.get("budget", "")).split("; not finished")[0] != budget:
+            return {}
+        seeds = data.get("seeds") or {m: list(range(len(h))) for m, h in data["runs"].items()}
+        return {(m, int(s)): h for m, hs in data["runs"].items() for s, h in zip(seeds[m], hs)}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        warnings.warn(f"{path} cannot be read as a comparison: its runs are not reused", stacklevel=2)
+        return {}
+
+
 def finished_history(run_dir: Path, epochs: int) -> list[dict] | None:
     """The history in ``run_dir/metrics.jsonl`` when the run finished its ``epochs``, else None."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -655,9 +686,11 @@ def compare(args) -> list[dict]:
         return (f"{spec} seed {seed}: test acc {100 * last['test_accuracy']:.2f}%, clean train acc "
                 f"{100 * last.get('clean_train_accuracy', float('nan')):.2f}%")
 
-    results, missing = run_comparison(args, specs, lambda spec, seed: _config(args, spec, seed), run, load, describe)
     budget = (f"{args.dataset}" + (f" (train subset {args.train_size})" if args.train_size else "")
               + f", model {args.model}" + (f" {dict(args.model_opt)}" if args.model_opt else "")
-              + f", {args.epochs} epochs (unless METHOD@epochs=N), batch {args.batch_size}, lr {args.lr}, "
+              + f", {args.epochs} epochs (unless METHOD@epochs=N), batch {args.batch_size}, {args.optimizer} lr {args.lr} "
+              f"weight decay {args.weight_decay}, "
               f"seeds 0..{args.seeds - 1}" + (f", validation split {args.val_size}" if args.val_size else ""))
+    results, missing = run_comparison(args, specs, lambda spec, seed: _config(args, spec, seed), run, load, describe,
+                                      budget)
     return report(results, out, budget, start, missing=missing)

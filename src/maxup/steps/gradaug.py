@@ -183,6 +183,9 @@ class GradAug(SAM):
         self.last_subnets: list[tuple[float, int | None]] = []
         self._drawn = False
 
+    #: random widths and resolutions give every step new layer shapes: cuDNN autotuning would re-run each step
+    fixed_shapes = False
+
     def __repr__(self) -> str:
         return (f"GradAug({self.objective!r}, n_subnets={self.n_subnets}, width_range={self.width_range}, "
                 f"resolutions={self.resolutions}, kd_weight={self.kd_weight}, rho={self.rho}, "

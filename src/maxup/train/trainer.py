@@ -192,7 +192,8 @@ class Trainer:
         self.device = D.resolve_device(device)
         self.dist = D.setup(self.device)
         self.rank, self.world_size = self.dist.rank, self.dist.world_size
-        self.backends = configure_backends(self.device, tf32=tf32)
+        self.backends = configure_backends(self.device, tf32=tf32,
+                                           cudnn_benchmark=getattr(step, "fixed_shapes", True))
         self.module = D.unwrap_model(model).to(self.device)
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
