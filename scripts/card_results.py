@@ -51,27 +51,28 @@ def section(name: str, comparisons: dict[str, dict]) -> str:
             continue
         found = True
         lm = "test_perplexity" in base
-        lines += [f"**[{cname}](../results/{cname}/results.md)**: {data['budget']}.", ""]
+        budget = data["budget"].split("; not finished")[0]  # the seeds column says which runs finished
+        lines += [f"**[{cname}](../results/{cname}/results.md)**: {budget}.", ""]
         if lm:
-            lines += ["| method | test perplexity | vs erm | best valid epoch | test perplexity at best valid | "
-                      "time/epoch vs erm |", "|---|---|---|---|---|---|"]
+            lines += ["| method | seeds | test perplexity | vs erm | best valid epoch | test perplexity at best valid | "
+                      "time/epoch vs erm |", "|---|---|---|---|---|---|---|"]
             for r in ([base] if base not in mine else []) + mine:
                 diff = r["test_perplexity"] - base["test_perplexity"]
-                lines.append(f"| {r['method']} | {cell(r, 'test_perplexity', 1.0)} | {diff:+.2f} | "
+                lines.append(f"| {r['method']} | {r['seeds']} | {cell(r, 'test_perplexity', 1.0)} | {diff:+.2f} | "
                              f"{cell(r, 'best_val_epoch', 1.0, 1)} | {cell(r, 'test_perplexity_at_best_val', 1.0)} | "
                              f"{r['time_ratio']:.2f}x |")
         else:
-            lines += ["| method | test accuracy (%) | vs erm (points) | clean train accuracy (%) | "
-                      "time/epoch vs erm | train time (s) |", "|---|---|---|---|---|---|"]
+            lines += ["| method | seeds | test accuracy (%) | vs erm (points) | clean train accuracy (%) | "
+                      "time/epoch vs erm | train time (s) |", "|---|---|---|---|---|---|---|"]
             for r in ([base] if base not in mine else []) + mine:
                 diff = 100 * (r["test_accuracy"] - base["test_accuracy"])
-                lines.append(f"| {r['method']} | {cell(r, 'test_accuracy')} | {diff:+.2f} | "
+                lines.append(f"| {r['method']} | {r['seeds']} | {cell(r, 'test_accuracy')} | {diff:+.2f} | "
                              f"{cell(r, 'clean_train_accuracy')} | {r['time_ratio']:.2f}x | "
                              f"{r['train_time_total']:.0f} |")
         lines.append("")
     if not found:
         lines += ["No comparison in [docs/results](../results) has run this method yet.", ""]
-    lines += ["Mean ± sd over seeds, written from each comparison's results.json by `python scripts/card_results.py`; "
+    lines += ["Mean ± sd over the seeds that finished (± 0.00 with one seed: no spread measured), written from each comparison's results.json by `python scripts/card_results.py`; "
               "the reading is in [RESULTS.md](../RESULTS.md).", ""]
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -309,6 +310,7 @@ def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: 
     finished (``compare --report`` summarises the finished ones)."""
     if not results:
         raise ValueError(f"no finished run in {out} to report: train them first (maxup compare without --report)")
+    title_line = budget + (f"; {len(missing)} runs not finished" if missing else "")
     if missing:
         budget += f"; not finished, left out: {', '.join(missing)}"
     specs = list(results)
@@ -324,7 +326,7 @@ def report(results: dict[str, list[list[dict]]], out: Path, budget: str, start: 
                  if f"{m} seed {s}" not in missing] for m, hs in results.items()}
     (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results,
                                                   "seeds": seeds, "missing": list(missing)}, indent=1))
-    plot(results, rows, out / "results.png", budget, **plot_options)
+    plot(results, rows, out / "results.png", title_line, **plot_options)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
     return rows
 
@@ -546,7 +548,7 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
     if curve_key.endswith("accuracy"):
         ax2.set_ylim(None, min(scale, ax2.get_ylim()[1]))
     ax2.legend(fontsize=7, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if many else {}))
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 160)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
