@@ -127,32 +127,52 @@ def randperm(n: int, *, generator=None, device=None) -> torch.Tensor:
     return torch.randperm(n, generator=generator, device=_where(generator, device)).to(device)
 
 
-def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.Tensor:
-    """Gamma(concentration, 1) samples (Marsaglia and Tsang 2000), float64.
+#: candidates per sample and round of the Marsaglia-Tsang sampler
+CANDIDATES = 4
 
-    ``torch.distributions`` takes no generator, so this vectorised rejection sampler
-    draws its normals and uniforms from ``generator``; the result is reproducible.
-    """
+
+def _mt_constants(concentration, shape) -> tuple[int, float, float, bool]:
+    """Checked Marsaglia-Tsang constants: (samples, d, c, boosted), boosted for concentration < 1."""
     if isinstance(concentration, bool) or not isinstance(concentration, Real) \
             or not math.isfinite(concentration) or concentration <= 0:
         raise ValueError(f"concentration (the Beta/Gamma alpha) must be a finite number > 0, got {concentration!r}")
     n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
-    a = float(concentration)
-    boost = a < 1.0
-    if boost:
-        a += 1.0
+    a = float(concentration) + (1.0 if concentration < 1.0 else 0.0)
     d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
+    return n, d, 1.0 / math.sqrt(9.0 * d), concentration < 1.0
+
+
+def _mt_candidates(k: int, d: float, c: float, generator, device):
+    """:data:`CANDIDATES` proposals for each of ``k`` samples: the normals ``z``, ``v = (1 + c z)^3`` and
+    which proposals are accepted."""
+    z = randn((k, CANDIDATES), generator=generator, device=device, dtype=torch.float64)
+    u = rand((k, CANDIDATES), generator=generator, device=device, dtype=torch.float64)
+    v = (1.0 + c * z) ** 3
+    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+    return z, v, ok
+
+
+def _unboost(out, concentration, boosted: bool, generator, device):
+    if boosted:
+        u = rand((out.shape[0],), generator=generator, device=device, dtype=torch.float64)
+        out = out * u.pow(1.0 / concentration)
+    return out
+
+
+def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.Tensor:
+    """Gamma(concentration, 1) samples (Marsaglia and Tsang 2000), float64, by rejection until every sample
+    is accepted (at most :data:`MAX_REJECTION_ROUNDS` rounds): the reference :func:`gamma_fixed` follows.
+
+    ``torch.distributions`` takes no generator, so this vectorised rejection sampler
+    draws its normals and uniforms from ``generator``; the result is reproducible.
+    """
+    n, d, c, boosted = _mt_constants(concentration, shape)
     out = torch.empty(n, dtype=torch.float64, device=device)
     todo = torch.arange(n, device=device)
     for _ in range(MAX_REJECTION_ROUNDS):
         if not todo.numel():
             break
-        k = todo.numel()
-        z = randn((k, 4), generator=generator, device=device, dtype=torch.float64)
-        u = rand((k, 4), generator=generator, device=device, dtype=torch.float64)
-        v = (1.0 + c * z) ** 3
-        ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+        _, v, ok = _mt_candidates(todo.numel(), d, c, generator, device)
         first = ok.to(torch.int8).argmax(dim=1)
         accepted = ok.any(dim=1)
         out[todo[accepted]] = (d * v.gather(1, first[:, None]).squeeze(1))[accepted]
@@ -161,14 +181,7 @@ def gamma(concentration: float, shape, *, generator=None, device=None) -> torch.
         if todo.numel():
             raise RuntimeError(f"the gamma sampler rejected every candidate for {todo.numel()} samples in "
                                f"{MAX_REJECTION_ROUNDS} rounds (concentration={concentration!r})")
-    if boost:
-        u = rand((n,), generator=generator, device=device, dtype=torch.float64)
-        out = out * u.pow(1.0 / concentration)
-    return out.view(shape)
-
-
-#: candidates per sample in :func:`gamma_fixed` (the first round of :func:`gamma`)
-CANDIDATES = 4
+    return _unboost(out, concentration, boosted, generator, device).view(shape)
 
 
 def gamma_fixed(concentration: float, shape, *, generator=None, device=None) -> torch.Tensor:
@@ -183,27 +196,12 @@ def gamma_fixed(concentration: float, shape, *, generator=None, device=None) -> 
     such a sample keeps its first proposal with ``1 + c z > 0`` clipped to 1e-3 (the
     Wilson-Hilferty approximation the method corrects), an error far below the sampling noise.
     """
-    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
-            or not math.isfinite(concentration) or concentration <= 0:
-        raise ValueError(f"concentration (the Beta/Gamma alpha) must be a finite number > 0, got {concentration!r}")
-    n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
-    a = float(concentration)
-    boost = a < 1.0
-    if boost:
-        a += 1.0
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    z = randn((n, CANDIDATES), generator=generator, device=device, dtype=torch.float64)
-    u = rand((n, CANDIDATES), generator=generator, device=device, dtype=torch.float64)
-    v = (1.0 + c * z) ** 3
-    ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+    n, d, c, boosted = _mt_constants(concentration, shape)
+    z, v, ok = _mt_candidates(n, d, c, generator, device)
     first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # 0 when none is accepted: the fallback proposal
     fallback = (1.0 + c * z[:, :1]).clamp_min(1e-3) ** 3
     out = d * torch.where(ok.any(dim=1, keepdim=True), v.gather(1, first), fallback).squeeze(1)
-    if boost:
-        w = rand((n,), generator=generator, device=device, dtype=torch.float64)
-        out = out * w.pow(1.0 / concentration)
-    return out.view(shape)
+    return _unboost(out, concentration, boosted, generator, device).view(shape)
 
 
 def beta(alpha: float, shape, *, beta_: float | None = None, generator=None, device=None,
