@@ -337,7 +337,8 @@ def train(args) -> list[dict]:
     history = run(config, out_dir=args.out, resume=args.resume, progress=args.progress)
     if _is_main() and history:
         last = history[-1]
-        print(f"{config['method']} on {config['dataset']}, epoch {last['epoch']}: {_fmt(last, 'test')}")
+        print(f"{config['method']} on {config['dataset']}, epoch {last['epoch']}: {_fmt(last, 'test')}"
+              + (f"  (clean train accuracy {last['clean_train_accuracy']:.4f})" if "clean_train_accuracy" in last else ""))
         if args.out:
             print(f"run directory: {args.out}")
     return history
