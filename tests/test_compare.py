@@ -128,6 +128,16 @@ def test_resume_reuses_the_runs_of_a_results_json_and_trains_the_rest(tmp_path):
     assert (fresh / "erm" / "seed-0" / "metrics.jsonl").exists()
 
 
+def test_force_trains_again_instead_of_reusing_finished_runs(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "erm", "--epochs", "1", "--seeds", "1", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    metrics = out / "erm" / "seed-0" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"test_accuracy": ', '"test_accuracy": 0.123, "was": '))
+    assert main(argv + ["--force"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"]["erm"][0][-1]["test_accuracy"] != 0.123
+
+
 def test_bad_jobs_is_refused(capsys):
     assert main(["compare", "--jobs", "0", "--out", "unused"]) == 2
     assert "--jobs" in capsys.readouterr().err

@@ -593,23 +593,21 @@ def run_comparison(args, specs: list[str], make_config, runner, load, describe, 
         elif _is_main():
             print(msg, file=sys.stderr, flush=True)
 
-    recorded = recorded_runs(out, budget) if args.resume or getattr(args, "report", False) else {}
-    todo = []
-    for spec, seed, config, run_dir in runs:  # finished runs without checkpoints: copied run folders, results.json
-        history = None if list_checkpoints(run_dir / "checkpoints") else finished_history(run_dir, config["epochs"])
-        history = history or recorded.get((spec, seed))
-        if history is not None and len(history) == config["epochs"]:
-            done(spec, seed, history)
-        else:
-            todo.append((spec, seed, config, run_dir))
-    runs = [] if getattr(args, "report", False) else todo
+    report = getattr(args, "report", False)
+    if args.resume or report:  # reuse finished runs; with --resume a run with checkpoints goes through its checks
+        recorded = recorded_runs(out, budget)
+        todo = []
+        for spec, seed, config, run_dir in runs:
+            history = None if args.resume and list_checkpoints(run_dir / "checkpoints") else \
+                finished_history(run_dir, config["epochs"])
+            history = history or recorded.get((spec, seed))
+            if history is not None and len(history) == config["epochs"]:
+                done(spec, seed, history)
+            elif not report:
+                todo.append((spec, seed, config, run_dir))
+        runs = todo
     try:
-        if getattr(args, "report", False):
-            for spec, seed, config, run_dir in todo:
-                history = finished_history(run_dir, config["epochs"])
-                if history is not None:
-                    done(spec, seed, history)
-        elif jobs == 1:
+        if jobs == 1:
             loaded: dict[int, object] = {}
             for spec, seed, config, run_dir in runs:
                 if seed not in loaded:
