@@ -45,7 +45,7 @@ from ..functional import soft_cross_entropy
 from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, frozen_buffers
 from ..optim import sam_perturbation
 from .._modules import local
-from .sam import SAM, _unwrap
+from .sam import SAM
 
 __all__ = ["BGMix", "DGMix", "GMix", "bgmix", "bgmix_partition", "dgmix_weights", "make_bgmix", "make_dgmix",
            "make_sam_mixup", "sharpness_sensitivity"]

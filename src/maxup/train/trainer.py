@@ -367,8 +367,7 @@ class Trainer:
 
     def _nonfinite(self, epoch: int, i: int, n_steps: int, loss: torch.Tensor, lr: float,
                    checked: tuple[int, int] | None = None) -> NonFiniteLossError:
-        last = last_good_checkpoint(self.checkpoint_dir, skip=TIMING_KEYS) if self.checkpoint_dir is not None else None
-        kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
+        kept = self._kept_note()
         value = loss.item() if bool(~torch.isfinite(loss)) else "non-finite on another rank"
         clip = (f"max_grad_norm (now {self.step.max_grad_norm})" if getattr(self.step, "max_grad_norm", None)
                 else "max_grad_norm=1.0 (gradient clipping)")
@@ -418,9 +417,13 @@ class Trainer:
         prune_checkpoints(self.checkpoint_dir, self.keep_checkpoints)
         return path
 
-    def _nonfinite_state(self, names: list[str]) -> NonFiniteStateError:
+    def _kept_note(self) -> str:
+        """The non-finite errors' clause naming the last good checkpoint (empty when there is none)."""
         last = last_good_checkpoint(self.checkpoint_dir, skip=TIMING_KEYS) if self.checkpoint_dir is not None else None
-        kept = f"; the last good checkpoint {last} is kept" if last is not None else ""
+        return f"; the last good checkpoint {last} is kept" if last is not None else ""
+
+    def _nonfinite_state(self, names: list[str]) -> NonFiniteStateError:
+        kept = self._kept_note()
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         return NonFiniteStateError(
             f"the state after epoch {self.epoch} holds non-finite values ({shown}); stopped without saving it"
