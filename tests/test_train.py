@@ -102,6 +102,24 @@ def subprocess_env() -> dict:
     return env
 
 
+def kill_when(script: str, path: Path, message: str) -> None:
+    """Run ``script`` in a new Python process and SIGKILL it as soon as ``path`` exists (within 60 s)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not path.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"training script exited early:\n{proc.stdout.read().decode()}")
+            assert time.monotonic() < deadline, message
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,19 +216,7 @@ make_trainer({out!r}, delay=0.05).fit()
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     script = KILLED_RUN.format(threads=torch.get_num_threads(), out=str(killed))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not (killed / "checkpoints" / "epoch-0001.pt").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"training script exited early:\n{proc.stdout.read().decode()}")
-            assert time.monotonic() < deadline, "no checkpoint appeared within 60 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when(script, killed / "checkpoints" / "epoch-0001.pt", "no checkpoint appeared within 60 s")
     done = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert not (killed / "model.pt").exists() and "epoch-0004.pt" not in done, "the run finished before the kill"
     # A killed run may have logged an epoch it never checkpointed: resume must drop such lines.
@@ -636,20 +642,7 @@ make_trainer({out!r}).fit()
 def test_kill_during_the_checkpoint_write_loses_nothing(tmp_path):
     killed, marker = tmp_path / "killed", tmp_path / "writing"
     script = KILLED_IN_WRITE.format(threads=torch.get_num_threads(), out=str(killed), marker=str(marker))
-    proc = subprocess.Popen([sys.executable, "-c", script], env=subprocess_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"training script exited early:\n{proc.stdout.read().decode()}")
-            assert time.monotonic() < deadline, "the checkpoint write did not start within 60 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
+    kill_when(script, marker, "the checkpoint write did not start within 60 s")
     names = sorted(p.name for p in (killed / "checkpoints").iterdir())
     assert len(names) == 2 and names[0].startswith(".epoch-0002.pt.") and names[1] == "epoch-0001.pt"
     assert load_checkpoint(killed / "checkpoints" / "epoch-0001.pt")["epoch"] == 1
