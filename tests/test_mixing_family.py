@@ -78,15 +78,14 @@ def test_blocks_of_a_stacked_plan_mix_as_if_forwarded_alone():
 def test_manifold_mixup_augmentation_draws_layer_lambda_partner_and_keeps_inputs():
     aug = A.ManifoldMixup(layers=("input", "0", "1"), num_classes=3, per_sample=True)
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
-    xa, ta = aug(x, y, torch.Generator().manual_seed(3))
-    plan = aug.plan
-    assert torch.equal(xa, x)
+    xa, ta, plan = aug.draw(x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(xa, x) and torch.equal(aug(x, y, torch.Generator().manual_seed(3))[1], ta)
     assert plan.layer.unique().numel() == 1 and 0 <= int(plan.layer[0]) < 3
     t = F.one_hot(y, 3).float()
     assert torch.allclose(ta, plan.lam[:, None] * t + (1 - plan.lam[:, None]) * t[plan.perm])
     again = A.ManifoldMixup(layers=("input", "0", "1"), num_classes=3, per_sample=True)
-    again(x, y, torch.Generator().manual_seed(3))
-    assert torch.equal(again.plan.lam, plan.lam) and torch.equal(again.plan.perm, plan.perm)
+    _, _, drawn = again.draw(x, y, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn.lam, plan.lam) and torch.equal(drawn.perm, plan.perm)
 
 
 def test_maxup_over_manifold_mixup_takes_the_worst_of_copies_each_with_its_own_draw():
@@ -96,7 +95,7 @@ def test_maxup_over_manifold_mixup_takes_the_worst_of_copies_each_with_its_own_d
     assert objective.mode == "direct"
     result = objective(model, x, y, torch.Generator().manual_seed(0))
     assert no_hooks(model)
-    plan, n = result.mixing, x.shape[0]
+    plan, n = result.context, x.shape[0]
     blocks = [HiddenMix(plan.points, plan.layer[j * n:(j + 1) * n], plan.lam[j * n:(j + 1) * n],
                         plan.perm[j * n:(j + 1) * n] - j * n) for j in range(4)]
     assert len({(int(b.layer[0]), tuple(b.perm.tolist())) for b in blocks}) == 4  # own layer/partner per copy
@@ -118,11 +117,12 @@ def test_manifold_mixup_trains_under_erm_maxup_and_sam_on_a_bundled_model():
     model = SmallCNN(in_channels=1, num_classes=10, channels=(4, 8))
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     for spec in ["manifold_mixup", "maxup(m=3, temperature=0.5)+cropflip+manifold_mixup(alpha=1.0)",
-                 "sam+maxup(m=2)+manifold_mixup(layers=('blocks.1',))", "maxup(m=2, include_clean=true)+manifold_mixup"]:
+                 "sam+maxup(m=2)+manifold_mixup(layers=('blocks.1',))",
+                 "maxup(m=2, include_clean=true)+manifold_mixup"]:
         step = M.build_step(spec, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=10)
         result = step(model, x, y, torch.Generator().manual_seed(1))
         assert math.isfinite(result.loss.item()) and no_hooks(model)
-        assert result.mixing is not None and len(result.mixing) == result.inputs.shape[0]
+        assert result.context is not None and len(result.context) == result.inputs.shape[0]
     assert M.REGISTRY["manifold_mixup"].factory(model=model).layers == ("input", "blocks.0", "blocks.1")
 
 
@@ -132,7 +132,9 @@ def test_manifold_mixup_trains_under_erm_maxup_and_sam_on_a_bundled_model():
     ("manifold_mixup(layers=('nope',))", "no module named 'nope'"),
     ("sam_mixup+manifold_mixup", "does not compose with sam_mixup"),
     ("soft_augment(reweight=true)+cutout", "must be the last augmentation"),
-    ("sam_mixup+soft_augment(reweight=true)", "does not compose with sam_mixup"),
+    ("soft_augment+cutout", "pass soft_augment(reweight=false)"),  # reweight is on by default
+    ("sam_mixup+soft_augment(reweight=true)", "does not compose with"),
+    ("sam_mixup+soft_augment", "reweight"),
 ])
 def test_combinations_that_cannot_work_are_clear_errors(spec, message):
     model = SmallCNN(in_channels=1, num_classes=10, channels=(4, 8))
@@ -158,9 +160,11 @@ def test_terms_that_must_come_last_are_checked_through_nested_compositions():
         with pytest.raises(ValueError, match="must be the last augmentation"):
             A.Compose([inner, A.Cutout(2, num_classes=3)])
         A.Compose([A.Cutout(2, num_classes=3), inner])  # last: fine
-    with pytest.raises(ValueError, match="reweight scales each target row"):
+    with pytest.raises(ValueError, match="scales each target row"):
         A.Compose([A.SoftAugmentation(num_classes=3, reweight=True), A.Cutout(2, num_classes=3)])
-    A.Compose([A.SoftAugmentation(num_classes=3), A.Cutout(2, num_classes=3)])
+    with pytest.raises(ValueError, match=r"reweight \(on by default\)"):
+        A.Compose([A.SoftAugmentation(num_classes=3), A.Cutout(2, num_classes=3)])
+    A.Compose([A.SoftAugmentation(num_classes=3, reweight=False), A.Cutout(2, num_classes=3)])
 
 
 def test_manifold_mixup_is_refused_by_the_data_loader_collate():
@@ -203,7 +207,7 @@ def test_shift_crop_and_occlusion_report_the_visible_fraction():
 
 @pytest.mark.parametrize("transform", ["crop", "cutout"])
 def test_soft_augmentation_targets_follow_the_visible_fraction(transform):
-    aug = A.SoftAugmentation(transform, sigma=0.5, fill=0.0, num_classes=10, power=2.0)
+    aug = A.SoftAugmentation(transform, sigma=0.5, fill=0.0, num_classes=10, power=2.0, reweight=False)
     x, y = torch.ones(64, 1, 8, 8), torch.arange(64) % 10
     xa, ta = aug(x, y, torch.Generator().manual_seed(0))
     visible = xa.mean((1, 2, 3))  # ones where the image is left, zeros elsewhere
@@ -223,6 +227,74 @@ def test_soft_augmentation_shifts_stay_within_the_image_and_errors():
         A.SoftAugmentation("rotate")
     with pytest.raises(ValueError, match="threshold"):
         A.SoftAugmentation(threshold=0.0)
+
+
+#: the recipe the authors' CIFAR code runs (github.com/youngleox/soft_augmentation at 1dcf469,
+#: cifar/read_me.sh and README: `train.py --da 2 --loss st --pcrop 2 --crop 12`), as our arguments
+AUTHORS_CODE = {
+    "transform": "crop",   # --da 2: utils.get_training_dataloader builds SoftCrop (utils.py:283-294)
+    "sigma": 12 / 32,      # --crop 12 px (train.py:230), drawn on 32 x 32 CIFAR images (SoftCrop.draw_offset)
+    "power": 2.0,          # --pcrop 2 (train.py:233)
+    "threshold": 1.0,      # t_crop=1.0, fixed (utils.py:291)
+    "p_max": 1.0,          # --max_p 1.0 (train.py:242)
+    "fill": None,          # one randn value per channel (utils.py:572) ...
+    "fill_scale": 0.01,    # ... times --bgcrop 0.01 (train.py:236)
+    "reweight": True,      # --rw: store_true with default=True, always on (train.py:272)
+    "p": 1.0,              # every sample is cropped (SoftCrop.__call__)
+}
+#: this class's defaults before it followed train.py: those of the authors' SoftCrop.__init__
+#: (utils.py:536) and get_training_dataloader (utils.py:244), which train.py overrides
+OLD_DEFAULTS = {"sigma": 0.3125, "power": 4.0, "fill_scale": 1.0, "reweight": False}
+
+
+def test_soft_augmentation_defaults_are_the_authors_code_recipe():
+    options = A.SoftAugmentation(num_classes=10)._options()
+    assert {k: options[k] for k in AUTHORS_CODE} == AUTHORS_CODE
+    assert {k: M.REGISTRY["soft_augment"].options()[k] for k in AUTHORS_CODE} == AUTHORS_CODE  # the spec term's
+    built = M.build_augment("soft_augment(sigma=0.3125, power=4.0, fill_scale=1.0, reweight=false)", 10)
+    assert {k: built._options()[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS
+
+
+def test_soft_augmentation_default_fill_is_the_scaled_noise_and_rows_are_weighted():
+    x, y = torch.ones(256, 2, 8, 8), torch.arange(256) % 10
+    xa, ta = A.SoftAugmentation(num_classes=10)(x, y, torch.Generator().manual_seed(0))
+    xb, tb = A.SoftAugmentation(num_classes=10, fill_scale=1.0)(x, y, torch.Generator().manual_seed(0))
+    band = xb != 1  # the filled pixels (an N(0, 1) draw is never exactly 1)
+    assert bool(band.any()) and torch.equal(xa != 1, band)
+    assert torch.allclose(xa[band], 0.01 * xb[band])  # the same draws, scaled by 0.01
+    visible = (xa == 1).float().mean((1, 2, 3))
+    p = MF.softening_curve(visible, 10, power=2.0)
+    assert torch.allclose(ta[torch.arange(256), y], p * p, atol=1e-6)  # soft target p, weighted by p
+    assert torch.allclose(ta.sum(1), p, atol=1e-6) and torch.equal(ta, tb)
+
+
+@pytest.mark.parametrize("transform", ["crop", "cutout"])
+def test_soft_augmentation_with_the_old_defaults_passed_is_unchanged(transform):
+    """The old defaults, passed explicitly, give what the class gave before, draw for draw."""
+    x, y = torch.randn(16, 3, 9, 7), torch.arange(16) % 5
+    aug = A.SoftAugmentation(transform, num_classes=5, **OLD_DEFAULTS)
+    xa, ta = aug(x, y, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)  # the draws in their order: shifts, fill, then the box corners
+    offsets = aug._offsets(16, 9, 7, g, None)
+    fill = torch.randn((16, 3), generator=g)
+    if transform == "crop":
+        expected, visible = MF.shift_crop(x, offsets, fill)
+    else:
+        size = offsets.abs()
+        y0 = (torch.rand(16, generator=g, dtype=torch.float64) * (10 - size[:, 0])).long()
+        x0 = (torch.rand(16, generator=g, dtype=torch.float64) * (8 - size[:, 1])).long()
+        expected, visible = MF.occlude(x, torch.stack([y0, x0, y0 + size[:, 0], x0 + size[:, 1]], 1), fill)
+    assert torch.equal(xa, expected) and visible.min() < 1
+    p = MF.softening_curve(visible, 5, power=4.0)
+    assert torch.allclose(ta, MF.soften_targets(F.one_hot(y, 5).float(), p), atol=1e-6)
+
+
+def test_soft_augmentation_fill_scale_errors():
+    with pytest.raises(ValueError, match="fill_scale must be >= 0"):
+        A.SoftAugmentation(fill_scale=-1.0)
+    with pytest.raises(ValueError, match="drop fill_scale or fill"):
+        A.SoftAugmentation(fill=0.0, fill_scale=1.0)
+    assert A.SoftAugmentation(fill=0.0).fill == 0.0 and A.SoftAugmentation(fill_scale=0.0).fill_scale == 0.0
 
 
 # ------------------------------------------------------------------------------------------ LUMix
@@ -331,7 +403,8 @@ def test_methods_listing_shows_every_term_with_its_options_on_one_line(capsys):
     for entry in M.list_methods():
         assert f"  {method_line(entry)}" in lines
     line = method_line(M.REGISTRY["soft_augment"])
-    assert line.startswith("soft_augment(transform='crop', sigma=0.3125, power=4.0, threshold=1.0, p_max=1.0")
+    assert line.startswith("soft_augment(transform='crop', sigma=0.375, power=2.0, threshold=1.0, p_max=1.0, "
+                           "fill=None, fill_scale=0.01, reweight=True")
     assert method_line(M.REGISTRY["smooth"]).startswith("smooth(eps=0.1) -- ")
     assert method_line(M.REGISTRY["erm"]).startswith("erm -- ")
 
@@ -340,6 +413,7 @@ def test_new_terms_fit_end_to_end():
     torch.manual_seed(0)
     model = SmallCNN(in_channels=1, num_classes=4, channels=(4, 8))
     x, y = torch.rand(24, 1, 8, 8), torch.arange(24) % 4
-    history = maxup.fit(model, "maxup(m=2)+soft_augment(transform='cutout')+lumix(base='cutmix')", train=(x, y),
+    spec = "maxup(m=2)+soft_augment(transform='cutout', reweight=false)+lumix(base='cutmix')"
+    history = maxup.fit(model, spec, train=(x, y),
                         epochs=1, batch_size=12, progress=False, device="cpu")
     assert math.isfinite(history[-1]["train_loss"])

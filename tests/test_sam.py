@@ -19,8 +19,8 @@ from maxup.objectives import ERM, MaxUp
 from maxup.optim import SAM as SAMOptimizer
 from maxup.optim import sam_grad_norm, sam_perturbation
 from maxup.steps import Standard
-from maxup.steps.gmix import BGMix, DGMix, GMix, bgmix, bgmix_partition, dgmix_weights, sharpness_sensitivity
-from maxup.steps.sam import SAM
+from maxup.steps.gmix import BGMix, DGMix, SAMMixup, bgmix, bgmix_partition, dgmix_weights, sharpness_sensitivity
+from maxup.steps.sam import SharpnessAware as SAM
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -368,7 +368,7 @@ import torch, torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 import maxup
-from maxup.steps.sam import SAM
+from maxup.steps.sam import SharpnessAware as SAM
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -397,6 +397,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_parameters(tmp_path):
     script = tmp_path / "ddp_sam.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
@@ -434,7 +435,7 @@ def test_ddp_two_processes_end_with_identical_parameters(tmp_path):
 def test_gmix_is_sam_on_the_mixup_loss_with_one_draw_for_both_passes():
     x, y = batch()
     m1, m2 = mlp(bn=True), mlp(bn=True)
-    s1 = GMix(ERM(), torch.optim.SGD(m1.parameters(), lr=0.1), alpha=0.4, num_classes=3, rho=0.2)
+    s1 = SAMMixup(ERM(), torch.optim.SGD(m1.parameters(), lr=0.1), alpha=0.4, num_classes=3, rho=0.2)
     s2 = SAM(ERM(A.Mixup(0.4, per_sample=True, num_classes=3)), torch.optim.SGD(m2.parameters(), lr=0.1), rho=0.2)
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(2):
@@ -443,7 +444,7 @@ def test_gmix_is_sam_on_the_mixup_loss_with_one_draw_for_both_passes():
     assert torch.equal(flat(m1), flat(m2))
     assert torch.equal(g1.get_state(), g2.get_state())  # one Mixup draw per step, not one per pass
     obj = ERM(A.Cutout(2, num_classes=3))
-    GMix(obj, torch.optim.SGD(m1.parameters(), lr=0.1), num_classes=3)
+    SAMMixup(obj, torch.optim.SGD(m1.parameters(), lr=0.1), num_classes=3)
     assert isinstance(obj.augment, A.Cutout)  # the caller's objective is left alone
 
 
@@ -460,9 +461,9 @@ def test_sharpness_sensitivity_matches_its_definition():
     expected = rows(w + rho * gw / norm, b + rho * gb / norm) - rows(w, b)
     assert torch.allclose(sharpness_sensitivity(model, x, t, rho=rho), expected, atol=1e-6)
     assert torch.equal(model.weight.detach(), w) and model.weight.grad is None
-    step = GMix(ERM(), torch.optim.SGD(model.parameters(), lr=0.1), split="binary", rho=rho)
+    step = BGMix(ERM(), torch.optim.SGD(model.parameters(), lr=0.1), rho=rho)
     plain = ERM()(model, x, y)
-    assert torch.allclose(step.sensitivity(model, plain), expected, atol=1e-6)
+    assert torch.allclose(step.step.sensitivity(model, plain), expected, atol=1e-6)
 
 
 def test_bgmix_partition_on_crafted_sensitivities():
@@ -481,7 +482,7 @@ def test_dgmix_weights_follow_the_ranks():
 
 
 def _crafted(step, s):
-    step.sensitivity = lambda model, result: s.clone()
+    step.step.sensitivity = lambda model, result: s.clone()  # the pass under the SAM wrapper
     return step
 
 
@@ -546,8 +547,8 @@ def test_split_steps_train_with_batchnorm_maxup_and_accumulation(cls):
 
 
 @pytest.mark.parametrize("spec,cls", [("sam(rho=0.05)+maxup(m=4)+cutout(size=2)", SAM), ("asam", SAM),
-                                      ("sam_mixup(alpha=0.4)+maxup(m=2)+cutout(size=2)", GMix),
-                                      ("bgmix(gamma=0.25)+cutout(size=2)", GMix), ("dgmix+maxup(m=2)", GMix)])
+                                      ("sam_mixup(alpha=0.4)+maxup(m=2)+cutout(size=2)", SAMMixup),
+                                      ("bgmix(gamma=0.25)+cutout(size=2)", BGMix), ("dgmix+maxup(m=2)", DGMix)])
 def test_specs_build_and_train(spec, cls):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
@@ -601,5 +602,28 @@ def test_bad_input_gives_clear_errors():
             BGMix(ERM(), base, gamma=gamma)
         with pytest.raises(ValueError, match="gamma"):
             bgmix_partition(torch.zeros(4), gamma)
-    with pytest.raises(ValueError, match="split"):
-        GMix(ERM(), base, split="both")
+    with pytest.raises(ValueError, match="step is an objective"):
+        SAM(ERM())
+    with pytest.raises(ValueError, match="already runs SAM"):
+        SAM(BGMix(ERM(), base), rho=0.1)
+    with pytest.raises(ValueError, match="belong to the wrapped step"):
+        SAM(Standard(ERM(), base), max_grad_norm=1.0)
+
+
+def test_old_names_still_work_with_a_deprecation_warning():
+    from maxup.steps import GMix as OldGMix
+    from maxup.steps import SAM as OldSAM
+
+    model = mlp()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(DeprecationWarning, match="SharpnessAware"):
+        assert isinstance(OldSAM(ERM(), base, rho=0.1), SAM)
+    with pytest.warns(DeprecationWarning, match="SAMMixup"):
+        assert isinstance(OldGMix(ERM(), base, num_classes=3), SAMMixup)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="split"):
+        OldGMix(ERM(), base, split="both")
+    with pytest.warns(DeprecationWarning, match="optimizers"):
+        import importlib
+
+        import maxup.train.optim as old
+        importlib.reload(old)

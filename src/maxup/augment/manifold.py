@@ -9,7 +9,8 @@ from torch import nn
 from ..functional import _random as R
 from ..functional.manifold import INPUT, HiddenMix
 from ..functional.mixing import _mix_targets, _per_sample
-from . import _Mixing
+from ..registry import register
+from .mixing import _Mixing
 
 __all__ = ["ManifoldMixup", "default_layers"]
 
@@ -23,21 +24,22 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     return (INPUT, *stages)
 
 
+@register("manifold_mixup", "Manifold Mixup: hidden features mixed at a layer drawn from layers (default: the input and every stage); last in a spec", per_sample=True)
 class ManifoldMixup(_Mixing):
     """Manifold Mixup (Verma et al., "Manifold Mixup: Better Representations by Interpolating Hidden
     States", ICML 2019): mix hidden features at a layer drawn at random.
 
     Each call draws one mixing point uniformly from ``layers`` (module names as in
     ``model.named_modules()``, ``"input"`` for the inputs), ``lam ~ Beta(alpha, alpha)`` (one per
-    batch or per sample) and a partner permutation. It returns the inputs **unchanged** with
-    the mixed targets ``lam t + (1 - lam) t[perm]``, and keeps the draw in :attr:`plan` (a
-    :class:`maxup.functional.HiddenMix`); the model must then run inside
-    ``maxup.functional.mix_hidden(model, aug.plan)``, which mixes
-    ``h -> lam h + (1 - lam) h[perm]`` at the output of the chosen module through a forward hook
-    and removes the hook afterwards. :class:`maxup.ERM` and :class:`maxup.MaxUp` do this
-    themselves, so ``maxup.MaxUp(ManifoldMixup(...), m=4)`` draws its own point, lambda and
-    partner for each copy. Since the mixing happens inside the network, it must be the last
-    augmentation of a :class:`~maxup.augment.Compose`.
+    batch or per sample) and a partner permutation. :meth:`draw` returns the inputs
+    **unchanged**, the mixed targets ``lam t + (1 - lam) t[perm]`` and the draw as a forward
+    context (a :class:`maxup.functional.HiddenMix`): forwards inside
+    ``maxup.functional.enter(model, context)`` mix ``h -> lam h + (1 - lam) h[perm]`` at the
+    output of the chosen module through a forward hook, removed afterwards.
+    :class:`maxup.ERM` and :class:`maxup.MaxUp` do this themselves, so
+    ``maxup.MaxUp(ManifoldMixup(...), m=4)`` draws its own point, lambda and partner for each
+    copy. Since the mixing happens inside the network, it must be the last augmentation of a
+    :class:`~maxup.augment.Compose`.
 
     Args:
         alpha: ``Beta(alpha, alpha)`` (the paper uses 2.0 on CIFAR).
@@ -48,10 +50,12 @@ class ManifoldMixup(_Mixing):
         p: probability that a sample is mixed at all.
 
     >>> aug = ManifoldMixup(model=model, num_classes=10)
-    >>> x_same, t = aug(x, y, generator)
-    >>> with maxup.functional.mix_hidden(model, aug.plan):
+    >>> x_same, t, context = aug.draw(x, y)
+    >>> with maxup.functional.enter(model, context):
     ...     loss = maxup.functional.soft_cross_entropy(model(x_same), t)
     """
+
+    context = "batch"
 
     last = ("it mixes hidden features, after the inputs are augmented: write e.g. "
             "'maxup(m=4)+cropflip+manifold_mixup'")
@@ -73,15 +77,17 @@ class ManifoldMixup(_Mixing):
             if missing:
                 raise ValueError(f"{type(model).__name__} has no module named {missing[0]!r}; valid layers are "
                                  "'input' and names from model.named_modules()")
-        self.plan: HiddenMix | None = None
 
     def apply(self, x, t, generator):
+        return self.apply_context(x, t, generator)[:2]
+
+    def apply_context(self, x, t, generator):
         lam, perm = self._draw(x, generator)
         index = R.host_randint(len(self.layers), 1, generator=generator)[0]  # a host choice
         lam = _per_sample(lam, x.shape[0], t)
-        self.plan = HiddenMix(self.layers, torch.full((x.shape[0],), index, dtype=torch.long, device=x.device),
-                              lam.float().contiguous(), perm, (index,))
-        return x, _mix_targets(t, perm, lam)
+        plan = HiddenMix(self.layers, torch.full((x.shape[0],), index, dtype=torch.long, device=x.device),
+                         lam.float().contiguous(), perm, (index,))
+        return x, _mix_targets(t, perm, lam), plan
 
     def _options(self):
         return {"layers": self.layers, **super()._options()}

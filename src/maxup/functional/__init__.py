@@ -19,12 +19,13 @@ from .mixing import (
 from .manifold import HiddenMix, manifold_mixup, mix_hidden
 from .soft import lumix, occlude, perturb_ratio, shift_crop, soften_targets, softening_curve
 from .targets import soft_cross_entropy, soft_targets
-from .text import embed, embedding_noise, token_mask, token_substitution, word_dropout
+from .context import ForwardContext, enter
+from .text import EmbeddingNoise, embedding_noise, token_mask, token_substitution, word_dropout
 
 __all__ = [
     "box_area", "box_mask", "crop_flip", "cutmix", "cutout", "gaussian_mask", "gaussian_noise", "gmix",
     "hmix", "mixup", "resizemix", "sample_beta", "sample_boxes", "sample_cutout_boxes", "sample_inner_boxes",
-    "soft_cross_entropy", "soft_targets", "embed", "embedding_noise", "token_mask", "token_substitution",
+    "soft_cross_entropy", "soft_targets", "EmbeddingNoise", "ForwardContext", "enter", "embedding_noise", "token_mask", "token_substitution",
     "word_dropout", "HiddenMix", "manifold_mixup", "mix_hidden", "lumix", "occlude", "perturb_ratio", "shift_crop",
     "soften_targets", "softening_curve",
 ]

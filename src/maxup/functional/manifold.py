@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .context import ForwardContext
 from .mixing import _bcast, _mix_targets, _partner, _per_sample
 
 __all__ = ["INPUT", "HiddenMix", "manifold_mixup", "mix_hidden"]
@@ -30,8 +31,9 @@ INPUT = "input"
 
 
 @dataclass(frozen=True)
-class HiddenMix:
-    """Where and how every row of a batch mixes its hidden features.
+class HiddenMix(ForwardContext):
+    """Where and how every row of a batch mixes its hidden features (a forward context: rows are coupled
+    to their partners).
 
     Attributes:
         points: the mixing points, module names as in ``model.named_modules()`` or ``"input"``.
@@ -79,6 +81,14 @@ class HiddenMix:
 
     def __len__(self) -> int:
         return self.perm.shape[0]
+
+    couples_rows = True
+
+    def apply(self, model: nn.Module):
+        return mix_hidden(model, self)
+
+    def blank(self, n: int, device=None) -> "HiddenMix":
+        return HiddenMix.identity(self.points, n, device)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

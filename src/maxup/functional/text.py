@@ -5,27 +5,28 @@ function takes its randomness as arguments (``mask``, ``replacement``, ``noise``
 it from an optional ``torch.Generator``, and returns a new tensor. The perturbations touch
 the inputs only; the targets stay the real next tokens.
 
-Embedding noise cannot be written into ids, so :func:`embedding_noise` returns the ids and
-the noise together as one float tensor (B, T, 1 + dim): channel 0 holds the ids (exact in
-float32 below 2**24 words), channels 1.. the noise to add to each token's embedding.
-:func:`embed` turns ids or that packed form into embeddings; a model that calls it in place
-of ``embedding(x)`` accepts both (:class:`maxup.models.LSTMLanguageModel` does). The packed
-inputs stay plain data, so a second pass on the same rows (SAM) looks the ids up at the
-current weights and adds the same noise.
+Embedding noise cannot be written into ids, so :func:`embedding_noise` returns it as a
+forward context (:class:`EmbeddingNoise`, see :mod:`maxup.functional.context`): a hook adds
+it to the output of the model's ``.embedding`` in every forward of those rows, so a second
+pass on the same rows (SAM) looks the ids up at the current weights and adds the same noise.
 
 >>> tokens = torch.tensor([[5, 6, 7, 8]])
 >>> word_dropout(tokens, mask=torch.tensor([[False, True, False, True]]))
 tensor([[5, 0, 7, 0]])
->>> embedding_noise(tokens, 0.1, 3).shape
-torch.Size([1, 4, 4])
+>>> embedding_noise(tokens, 0.1, 3).noise.shape
+torch.Size([1, 4, 3])
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .._checks import check_int, check_positive, check_probability
 from . import _random as R
+from .context import ForwardContext
 
 
 def check_tokens(x, *, name: str = "x", vocab_size: int | None = None) -> torch.Tensor:
@@ -34,7 +35,7 @@ def check_tokens(x, *, name: str = "x", vocab_size: int | None = None) -> torch.
         raise ValueError(f"{name} must be a torch.Tensor of token ids, got {type(x).__name__}")
     if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token ids of shape (B, T), got dtype {x.dtype}"
-                         + (" (embed_noise output: put embed_noise last in a method spec)" if x.dim() == 3 else ""))
+                        )
     if x.dim() != 2 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty batch of token ids of shape (B, T), got shape {tuple(x.shape)}")
     if vocab_size is not None and (int(x.min()) < 0 or int(x.max()) >= vocab_size):
@@ -76,10 +77,62 @@ def token_substitution(tokens: torch.Tensor, p: float, vocab_size: int, *, mask:
     return torch.where(mask.to(tokens.device), replacement.to(tokens), tokens)
 
 
+@dataclass(frozen=True)
+class EmbeddingNoise(ForwardContext):
+    """A forward context that adds ``noise`` (B, T, dim) to the output of the model's ``.embedding``.
+
+    Every forward of the same rows inside :func:`maxup.functional.context.enter` adds the same
+    noise (SAM's second pass looks the ids up at the current weights and adds it again).
+    """
+
+    noise: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def apply(self, model: nn.Module):
+        from .._modules import unwrap
+        embedding = getattr(unwrap(model), "embedding", None)
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError("embedding noise needs a model whose nn.Embedding is its .embedding attribute, such as "
+                             "maxup.models.LSTMLanguageModel")
+        return _hooked(embedding, self.noise)
+
+    def blank(self, n: int, device=None) -> "EmbeddingNoise":
+        return EmbeddingNoise(torch.zeros((n, *self.noise.shape[1:]), dtype=self.noise.dtype, device=device))
+
+    @classmethod
+    def stack(cls, contexts) -> "EmbeddingNoise":
+        return cls(torch.cat([c.noise for c in contexts]))
+
+    def rows(self, index: torch.Tensor) -> "EmbeddingNoise":
+        return EmbeddingNoise(self.noise[index.to(self.noise.device)])
+
+
+@contextlib.contextmanager
+def _hooked(embedding: nn.Embedding, noise: torch.Tensor):
+    def hook(module, args, output):
+        if output.shape != noise.shape:
+            raise ValueError(f"embedding noise of shape {tuple(noise.shape)} does not match the embeddings "
+                             f"{tuple(output.shape)}: the noise must come from the same batch")
+        return output + noise.to(output.dtype)
+
+    handle = embedding.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def embedding_noise(tokens: torch.Tensor, sigma: float, dim: int, *, noise: torch.Tensor | None = None,
-                    generator=None) -> torch.Tensor:
-    """The ids and ``sigma * noise`` (noise ~ N(0, I) of shape (B, T, dim), drawn unless given),
-    packed as a float tensor (B, T, 1 + dim) for :func:`embed` (see the module notes)."""
+                    generator=None) -> EmbeddingNoise:
+    """``sigma * noise`` (noise ~ N(0, I) of shape (B, T, dim), drawn unless given) as a forward context
+    that adds it to the embeddings of ``tokens`` (see :class:`EmbeddingNoise`).
+
+    >>> context = embedding_noise(torch.tensor([[5, 6, 7, 8]]), 0.1, 3)
+    >>> context.noise.shape
+    torch.Size([1, 4, 3])
+    """
     tokens = check_tokens(tokens, name="tokens")
     sigma = check_positive("sigma", sigma, allow_zero=True)
     dim = check_int("dim", dim)
@@ -87,20 +140,7 @@ def embedding_noise(tokens: torch.Tensor, sigma: float, dim: int, *, noise: torc
         noise = R.randn((*tokens.shape, dim), generator=generator, device=tokens.device)
     if noise.shape != (*tokens.shape, dim):
         raise ValueError(f"noise must have shape {(*tokens.shape, dim)}, got {tuple(noise.shape)}")
-    if tokens.numel() and int(tokens.max()) >= 2 ** 24:
-        raise ValueError("token ids must be below 2**24 to be packed exactly into float32")
-    return torch.cat([tokens.unsqueeze(-1).float(), sigma * noise.float()], dim=-1)
+    return EmbeddingNoise(sigma * noise.float())
 
 
-def embed(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
-    """Embeddings (B, T, dim) of token ids (B, T), or of the ids plus the noise packed by :func:`embedding_noise`."""
-    if not x.is_floating_point():
-        return embedding(x)
-    dim = embedding.embedding_dim
-    if x.dim() != 3 or x.shape[-1] != dim + 1:
-        raise ValueError(f"float inputs must be token ids packed with embedding noise, shape (B, T, {dim + 1}) "
-                         f"(see maxup.functional.embedding_noise), got {tuple(x.shape)}")
-    return embedding(x[..., 0].long()) + x[..., 1:]
-
-
-__all__ = ["check_tokens", "embed", "embedding_noise", "token_mask", "token_substitution", "word_dropout"]
+__all__ = ["EmbeddingNoise", "check_tokens", "embedding_noise", "token_mask", "token_substitution", "word_dropout"]

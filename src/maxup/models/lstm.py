@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .._checks import check_dropout, check_int
-from ..functional.text import embed
 
 __all__ = ["LSTMLanguageModel"]
 
@@ -15,9 +14,8 @@ class LSTMLanguageModel(nn.Module):
     """Word-level LSTM language model (Zaremba et al. 2014; tied weights: Press and Wolf 2017).
 
     Maps token ids ``(B, T)`` to next-token logits ``(B, T, vocab_size)``, every segment
-    starting from a zero state. It also accepts the ids packed with embedding noise,
-    ``(B, T, 1 + dim)`` floats from :class:`maxup.augment.EmbeddingNoise`, and adds the
-    noise to the looked-up embeddings (:func:`maxup.functional.embed`). Dropout ``dropout``
+    starting from a zero state. Embedding noise (:class:`maxup.augment.EmbeddingNoise`) reaches
+    it through a forward hook on its ``.embedding`` (a forward context). Dropout ``dropout``
     applies to the embeddings, between LSTM layers and before the output layer, whose
     weight is the embedding matrix (``tie_weights``).
 
@@ -58,5 +56,5 @@ class LSTMLanguageModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point() and x.dim() != 2:
             raise ValueError(f"token ids must have shape (B, T), got {tuple(x.shape)}")
-        out, _ = self.lstm(self.drop(embed(self.embedding, x)))
+        out, _ = self.lstm(self.drop(self.embedding(x)))
         return self.classifier(self.drop(out))

@@ -35,20 +35,23 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 
 from .. import functional as MF
+from .._modules import local
 from ..augment import Compose, Mixup
 from ..functional import _random as R
 from ..functional import soft_cross_entropy
 from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, frozen_buffers
 from ..optim import sam_perturbation
-from .._modules import local
-from .sam import SAM
+from ..registry import register
+from .base import Standard, Step
+from .sam import SharpnessAware, perturbation
 
-__all__ = ["BGMix", "DGMix", "GMix", "bgmix", "bgmix_partition", "dgmix_weights", "make_bgmix", "make_dgmix",
-           "make_sam_mixup", "sharpness_sensitivity"]
+__all__ = ["BGMix", "DGMix", "GMix", "SAMMixup", "SensitivityMixing", "bgmix", "bgmix_partition", "dgmix_weights",
+           "sharpness_sensitivity"]
 
 SPLITS = (None, "binary", "decomposed")
 
@@ -171,62 +174,95 @@ def sharpness_sensitivity(model: torch.nn.Module, inputs: torch.Tensor, targets:
 
 # ---------------------------------------------------------------------------- the steps
 
+def _with_mixup(objective: Objective, mixup: Mixup) -> Objective:
+    """A copy of ``objective`` whose augmentation is followed by ``mixup`` (the caller's is left as it was)."""
+    if not hasattr(objective, "augment"):
+        raise ValueError("G-Mix appends Mixup to the objective's augmentation: the objective must be "
+                         f"maxup.ERM or maxup.MaxUp, got {type(objective).__name__}")
+    aug = objective.augment
+    if isinstance(aug, torch.nn.Module) and any(getattr(m, "reweight", False) for m in aug.modules()):
+        raise ValueError("soft_augment(reweight=true) does not compose with sam_mixup (G-Mix), which mixes after it: "
+                         "drop reweight or use sam+mixup")
+    if getattr(aug, "context", None):
+        raise ValueError(f"{type(aug).__name__} acts inside the model's forward and must come last; G-Mix (sam_mixup) "
+                         "mixes after it: use it alone or under sam")
+    objective = copy.copy(objective)
+    objective.augment = mixup if aug is None else Compose([aug, mixup])
+    return objective
 
-class GMix(SAM):
-    """G-Mix (Li and Tang 2023): SAM on the Mixup loss; ``split`` selects BG-Mix or DG-Mix.
+
+@register("sam_mixup", "G-Mix (Li and Tang): SAM on the Mixup loss, Mixup after the spec's augmentations (for GMix, "
+          "the Gaussian-mask augmentation of Park et al., see gmix)")
+class SAMMixup(SharpnessAware):
+    """G-Mix (Li and Tang 2023): SAM on the Mixup loss, the mixed batch drawn once for both passes.
 
     Args:
-        objective: the objective before mixing (default ``maxup.ERM()``): its augmentation
-            runs first; ``MaxUp`` composes (see the module notes).
+        objective: the objective before mixing (default ``maxup.ERM()``): its augmentation runs
+            first, then Mixup; ``MaxUp`` takes the worst of m independently mixed copies.
         optimizer: the base optimizer.
         alpha: Mixup's ``Beta(alpha, alpha)``.
         num_classes: needed for integer labels when nothing else turns them into soft targets.
         per_sample: one lambda per example (default) or one per batch.
-        split: ``None`` (G-Mix), ``"binary"`` (BG-Mix) or ``"decomposed"`` (DG-Mix).
-        gamma: BG-Mix's fraction of sensitive examples, trained unmixed (in [0, 1]).
-        rho, adaptive, eta, weights_only, interval, accumulation_steps, sync_first,
-        max_grad_norm, amp: as for :class:`maxup.steps.SAM`.
+        rho, adaptive, eta, weights_only, interval, accumulation_steps, sync_first, max_grad_norm,
+        amp: as for :class:`maxup.steps.SharpnessAware`.
 
-    BG-Mix and DG-Mix follow this project's reading of the rules (module docstring);
-    their sensitivity uses the step's ``rho``; with ``rho=0`` every example is equally
-    sensitive (s = 0). Each call returns the result of the rows trained on at ``w``.
-
-    >>> step = GMix(maxup.ERM(), torch.optim.SGD(model.parameters(), lr=0.1), alpha=1.0,
-    ...             num_classes=10, split="binary", gamma=0.5, rho=0.05)
+    >>> step = SAMMixup(maxup.ERM(), torch.optim.SGD(model.parameters(), lr=0.1), alpha=1.0, num_classes=10)
     >>> result = step(model, x, y)
     """
 
+    kind = "step"
+    domain = "tensor"
+    random = True
+    mixes_rows = True
+    sharpness_aware = True
+    filled = Step.filled
+
     def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, alpha: float = 1.0,
-                 num_classes: int | None = None, per_sample: bool = True, split: str | None = None,
-                 gamma: float = 0.5, rho: float = 0.05, adaptive: bool = False, eta: float = 0.01,
-                 weights_only: bool = False, interval: int = 1, accumulation_steps: int = 1, sync_first: bool = False,
-                 max_grad_norm: float | None = None, amp: str | None = None):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} (G-Mix, BG-Mix, DG-Mix), got {split!r}")
-        self.gamma = _check_gamma(gamma)
-        mixup = Mixup(alpha, per_sample=per_sample, num_classes=num_classes)  # checks alpha, num_classes
-        objective = ERM() if objective is None else objective
-        if split is None:
-            if not hasattr(objective, "augment"):
-                raise ValueError("G-Mix appends Mixup to the objective's augmentation: the objective must be "
-                                 f"maxup.ERM or maxup.MaxUp, got {type(objective).__name__}")
-            objective = copy.copy(objective)  # the caller's objective is left as it was
-            aug = objective.augment
-            objective.augment = mixup if aug is None else Compose([aug, mixup])
-        elif isinstance(objective, MaxUp) and objective.mode != "select":
-            raise ValueError("BG-Mix and DG-Mix mix the rows the objective trains on, one per example: use MaxUp "
-                             "in select mode (temperature 0) or ERM")
-        super().__init__(objective, optimizer, rho=rho, adaptive=adaptive, eta=eta, weights_only=weights_only,
-                         interval=interval, accumulation_steps=accumulation_steps, sync_first=sync_first,
-                         max_grad_norm=max_grad_norm, amp=amp)
-        self.split = split
-        self.mixup = mixup
+                 num_classes: int | None = None, per_sample: bool = True, rho: float = 0.05, adaptive: bool = False,
+                 eta: float = 0.01, weights_only: bool = False, interval: int = 1, accumulation_steps: int = 1,
+                 sync_first: bool = False, max_grad_norm: float | None = None, amp: str | None = None):
+        self.mixup = Mixup(alpha, per_sample=per_sample, num_classes=num_classes)  # checks alpha, num_classes
+        objective = _with_mixup(ERM() if objective is None else objective, self.mixup)
+        super().__init__(Standard(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp), rho=rho,
+                         adaptive=adaptive, eta=eta, weights_only=weights_only, interval=interval,
+                         accumulation_steps=accumulation_steps, sync_first=sync_first)
+
+    from_spec = classmethod(Step.from_spec.__func__)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.objective!r}, alpha={self.mixup.alpha}, split={self.split!r}, "
-                f"gamma={self.gamma}, rho={self.rho}, adaptive={self.adaptive})")
+        return f"SAMMixup({self.objective!r}, alpha={self.mixup.alpha}, rho={self.rho}, adaptive={self.adaptive})"
 
-    # ------------------------------------------------------------------ sensitivity
+
+class SensitivityMixing(Step):
+    """The pass of BG-Mix and DG-Mix: rank the examples by sharpness-sensitivity, mix by rank.
+
+    Its :meth:`evaluate` trains on the rows the objective gives at ``w``, each example's
+    sensitivity ``s_i = l_i(w + eps) - l_i(w)`` (``eps`` from ``rho``, ``adaptive``, ``eta``)
+    deciding how it is mixed (``split="binary"``: BG-Mix, ``"decomposed"``: DG-Mix; module
+    notes); :meth:`reevaluate` replays those rows. :class:`BGMix` and :class:`DGMix` run it
+    under SAM.
+    """
+
+    domain = "tensor"
+
+    def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, split: str,
+                 alpha: float = 1.0, num_classes: int | None = None, per_sample: bool = True, gamma: float = 0.5,
+                 rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, weights_only: bool = False,
+                 max_grad_norm: float | None = None, amp: str | None = None):
+        if split not in SPLITS[1:]:
+            raise ValueError(f"split must be one of {SPLITS[1:]} (BG-Mix, DG-Mix), got {split!r}")
+        self.gamma = _check_gamma(gamma)
+        self.mixup = Mixup(alpha, per_sample=per_sample, num_classes=num_classes)  # checks alpha, num_classes
+        objective = ERM() if objective is None else objective
+        if isinstance(objective, MaxUp) and objective.mode != "select":
+            raise ValueError("BG-Mix and DG-Mix mix the rows the objective trains on, one per example: use MaxUp "
+                             "in select mode (temperature 0) or ERM")
+        if getattr(getattr(objective, "augment", None), "context", None):
+            raise ValueError(f"{type(objective.augment).__name__} acts inside the model's forward; BG-Mix and DG-Mix "
+                             "mix the trained rows again without it: use it alone or under sam")
+        super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
+        self.split = split
+        self.rho, self.adaptive, self.eta, self.weights_only = rho, adaptive, eta, weights_only
 
     def sensitivity(self, model, result: ObjectiveResult) -> torch.Tensor:
         """``s_i = l_i(w + eps) - l_i(w)`` for the rows of ``result`` (computed at ``w`` with grad)."""
@@ -240,7 +276,8 @@ class GMix(SAM):
         ps, gs = [p for p, _ in used], [g for _, g in used]
         if scale != 1.0 and gs:
             torch._foreach_mul_(gs, 1.0 / scale)
-        eps, norm = self._perturbation(model, ps, gs)
+        eps, norm = perturbation(model, ps, gs, self.rho, adaptive=self.adaptive, eta=self.eta,
+                                 weights_only=self.weights_only)
         if self.scaler is not None and not bool(torch.isfinite(norm)):
             return torch.zeros_like(result.losses, dtype=torch.float32).detach()  # fp16 overflow: no ranking
         return (_losses_at(model, result.inputs, result.targets, ps, eps) - result.losses.detach()).float()
@@ -249,11 +286,7 @@ class GMix(SAM):
         lam = R.beta(self.mixup.alpha, (n if self.mixup.per_sample else 1,), generator=generator, device=device)
         return lam, R.randperm(n, generator=generator, device=device)
 
-    # ------------------------------------------------------------------ the first pass
-
-    def _evaluate(self, model, x, y, generator) -> ObjectiveResult:
-        if self.split is None:
-            return self.objective(model, x, y, generator)
+    def evaluate(self, model, x, y, generator) -> ObjectiveResult:
         net = local(model)  # the sensitivity pass is local: no DDP hooks (a compiled net stays compiled)
         with frozen_buffers(net):  # open until the backward: BatchNorm's backward reads the buffers' versions
             plain = self.objective(net, x, y, generator)
@@ -284,54 +317,66 @@ class GMix(SAM):
         losses = (1.0 - q) * full[:b] + q * full[b:]
         return ObjectiveResult((weights * rows).sum(), losses, logits, inputs, targets, weights)
 
-    def _reevaluate(self, model, result: ObjectiveResult) -> ObjectiveResult:
-        if self.split is None:
-            return self.objective.reevaluate(model, result)
-        return Objective.reevaluate(model, result)  # the rows built in _evaluate
+    def reevaluate(self, model, result: ObjectiveResult) -> ObjectiveResult:
+        return Objective.reevaluate(model, result)  # the rows built in evaluate
 
 
-class BGMix(GMix):
-    """BG-Mix: :class:`GMix` with ``split="binary"`` (this project's reading; see the module notes)."""
+class _SensitivitySAM(SharpnessAware):
+    """BG-Mix / DG-Mix: :class:`SensitivityMixing` under SAM (the sensitivity uses SAM's own rho)."""
 
-    def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, gamma: float = 0.5, **kwargs):
-        super().__init__(objective, optimizer, split="binary", gamma=gamma, **kwargs)
+    kind = "step"
+    domain = "tensor"
+    random = True
+    mixes_rows = True
+    sharpness_aware = True
+    filled = Step.filled
+    split = ""
+    from_spec = classmethod(Step.from_spec.__func__)
 
+    def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, gamma: float = 0.5,
+                 alpha: float = 1.0, num_classes: int | None = None, per_sample: bool = True, rho: float = 0.05,
+                 adaptive: bool = False, eta: float = 0.01, weights_only: bool = False, interval: int = 1,
+                 accumulation_steps: int = 1, sync_first: bool = False, max_grad_norm: float | None = None,
+                 amp: str | None = None):
+        inner = SensitivityMixing(objective, optimizer, split=self.split, alpha=alpha, num_classes=num_classes,
+                                  per_sample=per_sample, gamma=gamma, rho=rho, adaptive=adaptive, eta=eta,
+                                  weights_only=weights_only, max_grad_norm=max_grad_norm, amp=amp)
+        super().__init__(inner, rho=rho, adaptive=adaptive, eta=eta, weights_only=weights_only, interval=interval,
+                         accumulation_steps=accumulation_steps, sync_first=sync_first)
 
-class DGMix(GMix):
-    """DG-Mix: :class:`GMix` with ``split="decomposed"`` (this project's reading; see the module notes)."""
-
-    def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, **kwargs):
-        super().__init__(objective, optimizer, split="decomposed", **kwargs)
-
-
-# ---------------------------------------------------------------------------- registry factories
-
-
-def make_sam_mixup(objective, optimizer, *, alpha: float = 1.0, per_sample: bool = True, rho: float = 0.05,
-                   adaptive: bool = False, eta: float = 0.01, interval: int = 1, accumulation_steps: int = 1,
-                   sync_first: bool = False, num_classes: int | None = None, max_grad_norm: float | None = None,
-                   amp: str | None = None) -> GMix:
-    """Registry factory for ``sam_mixup(...)``: G-Mix, SAM on the Mixup loss (Mixup after the spec's augmentations)."""
-    return GMix(objective, optimizer, alpha=alpha, num_classes=num_classes, per_sample=per_sample, rho=rho,
-                adaptive=adaptive, eta=eta, interval=interval, accumulation_steps=accumulation_steps,
-                sync_first=sync_first, max_grad_norm=max_grad_norm, amp=amp)
-
-
-def make_bgmix(objective, optimizer, *, gamma: float = 0.5, alpha: float = 1.0, per_sample: bool = True,
-               rho: float = 0.05, adaptive: bool = False, eta: float = 0.01, interval: int = 1,
-               accumulation_steps: int = 1, sync_first: bool = False, num_classes: int | None = None,
-               max_grad_norm: float | None = None, amp: str | None = None) -> GMix:
-    """Registry factory for ``bgmix(...)``: BG-Mix (this project's reading)."""
-    return GMix(objective, optimizer, alpha=alpha, num_classes=num_classes, per_sample=per_sample, split="binary",
-                gamma=gamma, rho=rho, adaptive=adaptive, eta=eta, interval=interval,
-                accumulation_steps=accumulation_steps, sync_first=sync_first, max_grad_norm=max_grad_norm, amp=amp)
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.objective!r}, alpha={self.step.mixup.alpha}, gamma={self.step.gamma}, "
+                f"rho={self.rho}, adaptive={self.adaptive})")
 
 
-def make_dgmix(objective, optimizer, *, alpha: float = 1.0, per_sample: bool = True, rho: float = 0.05,
-               adaptive: bool = False, eta: float = 0.01, interval: int = 1, accumulation_steps: int = 1,
-               sync_first: bool = False, num_classes: int | None = None, max_grad_norm: float | None = None,
-               amp: str | None = None) -> GMix:
-    """Registry factory for ``dgmix(...)``: DG-Mix (this project's reading)."""
-    return GMix(objective, optimizer, alpha=alpha, num_classes=num_classes, per_sample=per_sample, split="decomposed",
-                rho=rho, adaptive=adaptive, eta=eta, interval=interval, accumulation_steps=accumulation_steps,
-                sync_first=sync_first, max_grad_norm=max_grad_norm, amp=amp)
+@register("bgmix", "BG-Mix: the gamma most sharpness-sensitive examples unmixed, the rest mixed, under SAM "
+          "(this project's reading)")
+class BGMix(_SensitivitySAM):
+    """BG-Mix: the ``gamma`` most sensitive examples trained unmixed, the rest mixed, under SAM
+    (this project's reading; see the module notes).
+
+    >>> step = BGMix(maxup.ERM(), torch.optim.SGD(model.parameters(), lr=0.1), gamma=0.5, num_classes=10)
+    """
+
+    split = "binary"
+
+
+@register("dgmix", "DG-Mix: each example's loss blends mixed and unmixed by its sensitivity rank, under SAM "
+          "(this project's reading)", hidden=("gamma",))
+class DGMix(_SensitivitySAM):
+    """DG-Mix: each example's loss ``(1 - q_i) l_mix + q_i l_orig`` by sensitivity rank, under SAM
+    (this project's reading; see the module notes)."""
+
+    split = "decomposed"
+
+
+def GMix(objective: Objective | None, optimizer: torch.optim.Optimizer, *, split: str | None = None, **kwargs):
+    """Deprecated: the G-Mix step is :class:`SAMMixup` (``split="binary"``: :class:`BGMix`,
+    ``"decomposed"``: :class:`DGMix`); ``maxup.augment.GMix`` is the Gaussian-mask augmentation."""
+    warnings.warn("maxup.steps.GMix is renamed maxup.steps.SAMMixup (BGMix, DGMix for the splits); "
+                  "maxup.augment.GMix is the Gaussian-mask augmentation. The old name goes in the next release",
+                  DeprecationWarning, stacklevel=2)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} (G-Mix, BG-Mix, DG-Mix), got {split!r}")
+    cls = {None: SAMMixup, "binary": BGMix, "decomposed": DGMix}[split]
+    return cls(objective, optimizer, **kwargs)

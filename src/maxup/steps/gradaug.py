@@ -21,12 +21,14 @@ network's pass only; sub-networks normalise with batch statistics.
 The sub-networks are drawn once per call from the step's generator, after the
 objective's own draws (:func:`draw_subnets`); ``step.last_subnets`` holds them.
 
-GradAug is a :class:`~maxup.steps.SAM` step with ``rho=0`` by default. With ``rho > 0``
-it is SAM on the GradAug loss (``sam(rho=0.05)+gradaug`` as a method spec): the full
-pass and the sub-network passes run at ``w``, then again at ``w + eps`` on the same rows,
-widths and resolutions (the teacher being the full network at ``w + eps``), with SAM's
-pitfalls handled by the SAM step (statistics from the first pass only, exact restore of
-``w``, clipping of the final gradient, DDP ``no_sync``, fp16, accumulation).
+GradAug is a step that adds losses: its :meth:`~GradAug.forward_backward` backpropagates the
+full network's loss, then each sub-network's. Wrapped in SAM
+(``SharpnessAware(GradAug(...), rho=0.05)``; ``sam(rho=0.05)+gradaug`` as a method spec)
+the full pass and the sub-network passes run at ``w``, then again at ``w + eps`` on the same
+rows, widths and resolutions (:meth:`~GradAug.replay`: the teacher is the full network at
+``w + eps``), with SAM's pitfalls handled by the wrapper (statistics from the first pass
+only, exact restore of ``w``, clipping of the final gradient, DDP ``no_sync``, fp16,
+accumulation).
 
 Cost, in units of one ERM step: ``1 + sum_i w_i^2 (r_i / R)^2`` for the convolutions (a
 sub-network of width w has about w^2 of the multiply-adds, at resolution r of R about
@@ -38,20 +40,22 @@ Paper settings (CIFAR): widths [0.8, 1.0], 3 sub-networks, resolutions 32/28/24.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_int, check_int_tuple, check_positive
-from .._modules import uncompiled
+from .._modules import uncompiled, unwrap
 from ..functional import _random as R
-from ..functional.manifold import mix_hidden
-from ..objectives import Objective, ObjectiveResult
+from ..functional.context import enter
+from ..objectives import Objective, ObjectiveResult, live_rows
+from ..registry import register
 from ..slim import is_slimmable, set_width, slimmable
-from .sam import SAM, _scaled, _sync, _unwrap
+from .base import Step, no_sync
 
-__all__ = ["GradAug", "check_width_range", "distillation_loss", "draw_subnets", "make_gradaug", "resize"]
+__all__ = ["GradAug", "check_width_range", "distillation_loss", "draw_subnets", "resize"]
 
 
 def check_width_range(width_range) -> tuple[float, float]:
@@ -110,14 +114,15 @@ def draw_subnets(n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None, *
     return [(w, res[i]) for w, i in zip(widths, pick)]
 
 
-def resize(x: torch.Tensor, resolution: int | None) -> torch.Tensor:
-    """``x`` resized to ``resolution`` (bilinear to r x r for images, linear to length r for signals)."""
+def resize(x: torch.Tensor, resolution: int | None, *, align_corners: bool = True) -> torch.Tensor:
+    """``x`` resized to ``resolution`` (bilinear to r x r for images, linear to length r for signals);
+    ``align_corners=True`` as in the GradAug authors' training scripts."""
     if resolution is None or tuple(x.shape[2:]) == (resolution,) * (x.dim() - 2):
         return x
     if x.dim() not in (3, 4):
         raise ValueError(f"resize takes (B, C, L) or (B, C, H, W) inputs, got shape {tuple(x.shape)}")
     mode = "bilinear" if x.dim() == 4 else "linear"
-    return F.interpolate(x, size=(resolution,) * (x.dim() - 2), mode=mode, align_corners=False)
+    return F.interpolate(x, size=(resolution,) * (x.dim() - 2), mode=mode, align_corners=align_corners)
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -143,8 +148,10 @@ def _batch_statistics(model: nn.Module):
             m.track_running_stats = True
 
 
-class GradAug(SAM):
-    """GradAug (Yang, Zhu, Chen, NeurIPS 2020) around any objective; SAM on the GradAug loss with ``rho > 0``.
+@register("gradaug", "GradAug: random-width sub-networks on resized inputs, distilled towards the full network "
+          "(with sam/asam: SAM on that loss)")
+class GradAug(Step):
+    """GradAug (Yang, Zhu, Chen, NeurIPS 2020) around any objective.
 
     Args:
         objective: the full network's loss, e.g. ``maxup.ERM()``, ``maxup.ERM(CutMix(...))``,
@@ -155,12 +162,13 @@ class GradAug(SAM):
         resolutions: sizes the sub-networks' inputs are resized to (each drawn at random),
             at most the input size; ``None`` keeps the input as it is (paper, CIFAR: (32, 28, 24)).
         kd_weight: weight of the sub-networks' distillation losses (>= 0).
-        rho, adaptive, eta, weights_only, interval, accumulation_steps, sync_first: SAM's
-            options (see :class:`maxup.steps.SAM`); ``rho=0`` (default) takes plain GradAug steps.
+        align_corners: of the bilinear resize (True: the authors' scripts; False: torchvision's).
+        model: converted to width-sliceable layers at once (errors early); otherwise on the first call.
         max_grad_norm, amp: see :class:`maxup.steps.Step`.
 
-    Returns (per call) the full network's :class:`~maxup.objectives.ObjectiveResult` at ``w``.
-    The model is made width-sliceable in place on the first call (module notes).
+    Returns (per call) the full network's :class:`~maxup.objectives.ObjectiveResult`.
+    SAM on the GradAug loss: ``SharpnessAware(GradAug(...), rho=0.05)``. Accumulation:
+    ``SharpnessAware(GradAug(...), rho=0, accumulation_steps=k)``.
 
     >>> step = GradAug(maxup.ERM(maxup.augment.CutMix(num_classes=10)),
     ...                torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
@@ -168,97 +176,74 @@ class GradAug(SAM):
     >>> result = step(model, x, y)
     """
 
+    domain = "tensor"
+    #: random widths and resolutions give every step new layer shapes: cuDNN autotuning would re-run each step
+    fixed_shapes = False
+
     def __init__(self, objective: Objective, optimizer: torch.optim.Optimizer, *, n_subnets: int = 3,
                  width_range: tuple[float, float] = (0.9, 1.0), resolutions=None, kd_weight: float = 1.0,
-                 rho: float = 0.0, adaptive: bool = False, eta: float = 0.01, weights_only: bool = False,
-                 interval: int = 1, accumulation_steps: int = 1, sync_first: bool = False,
-                 max_grad_norm: float | None = None, amp: str | None = None):
+                 align_corners: bool = True, model: nn.Module | None = None, max_grad_norm: float | None = None,
+                 amp: str | None = None):
         self.n_subnets = check_int("n_subnets", n_subnets)
         self.width_range = check_width_range(width_range)
         self.resolutions = _check_resolutions(resolutions)
         self.kd_weight = check_positive("kd_weight", kd_weight, allow_zero=True)
-        super().__init__(objective, optimizer, rho=rho, adaptive=adaptive, eta=eta, weights_only=weights_only,
-                         interval=interval, accumulation_steps=accumulation_steps, sync_first=sync_first,
-                         max_grad_norm=max_grad_norm, amp=amp)
+        if not isinstance(align_corners, bool):
+            raise ValueError(f"align_corners must be true or false, got {align_corners!r}")
+        self.align_corners = align_corners
+        super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
         self.last_subnets: list[tuple[float, int | None]] = []
         self._drawn = False
-
-    #: random widths and resolutions give every step new layer shapes: cuDNN autotuning would re-run each step
-    fixed_shapes = False
+        if model is not None:
+            slimmable(unwrap(model))
 
     def __repr__(self) -> str:
         return (f"GradAug({self.objective!r}, n_subnets={self.n_subnets}, width_range={self.width_range}, "
-                f"resolutions={self.resolutions}, kd_weight={self.kd_weight}, rho={self.rho}, "
-                f"adaptive={self.adaptive})")
+                f"resolutions={self.resolutions}, kd_weight={self.kd_weight})")
 
     def draw(self, inputs: torch.Tensor, generator=None) -> list[tuple[float, int | None]]:
         """This step's sub-networks for a batch of ``inputs`` (see :func:`draw_subnets`)."""
         check_fits(self.resolutions, inputs)
         return draw_subnets(self.n_subnets, self.width_range, self.resolutions, generator=generator)
 
-    def __call__(self, model, x, y, generator=None) -> ObjectiveResult:
-        net = _unwrap(model)
+    def prepare(self, model) -> None:
+        net = unwrap(model)
         if not is_slimmable(net):
             slimmable(net)
-        self._drawn = False
-        return super().__call__(model, x, y, generator)
+        self._drawn = False  # once per call: every micro-batch (and SAM's second pass) trains the same sub-networks
 
-    # ------------------------------------------------------------------ the passes (hooks of the SAM step)
+    # ------------------------------------------------------------------ the passes
 
-    def _first_pass(self, model, x, y, generator, frac: float, sync: bool) -> ObjectiveResult:
+    def forward_backward(self, model, x, y, generator=None, *, sync: bool = True, scale: float = 1.0):
         distill = self.kd_weight > 0
-        with _sync(model, sync and not distill):
-            with self.autocast(x):
-                result = _scaled(self._evaluate(model, x, y, generator), frac)
-            self.backward(result.loss)
-        if not self._drawn:  # once per call: every micro-batch trains the same sub-networks
+        result = super().forward_backward(model, x, y, generator, sync=sync and not distill, scale=scale)
+        if not self._drawn:
             self.last_subnets = self.draw(result.inputs, generator)
             self._drawn = True
         if distill:
             self._distill(model, result, sync)
         return result
 
-    def _second_pass(self, model, result: ObjectiveResult, sync: bool) -> None:
+    def replay(self, model, result: ObjectiveResult, *, sync: bool = True) -> ObjectiveResult:
         distill = self.kd_weight > 0
-        with _sync(model, sync and not distill):
-            with self.autocast(result.inputs):
-                again = self._reevaluate(model, result)  # the teacher at w + eps
-            self.backward(again.loss)
+        again = super().replay(model, result, sync=sync and not distill)  # the teacher at the current weights
         if distill:
             self._distill(model, again, sync)
+        return again
 
     def _distill(self, model, result: ObjectiveResult, sync: bool) -> None:
         """Forward and backward of every sub-network on ``result``'s rows, distilled towards its logits."""
-        inputs, teacher, weights = result.inputs, result.logits.detach(), result.weights.detach()
-        if result.mixing is None and not result.dense:  # under hidden mixing the rows may be partners: keep all
-            keep = weights > 0
-            if not bool(keep.all()):
-                inputs, teacher, weights = inputs[keep], teacher[keep], weights[keep]
-        net = _unwrap(model)
+        inputs, teacher, weights, context = live_rows(dataclasses.replace(result, targets=result.logits.detach(),
+                                                                           weights=result.weights.detach()))
+        net = unwrap(model)
         last = len(self.last_subnets) - 1
         for i, (width, resolution) in enumerate(self.last_subnets):
-            with _sync(model, sync and i == last), set_width(net, width), _batch_statistics(net), \
-                    mix_hidden(net, result.mixing):
+            with no_sync(model, not (sync and i == last)), set_width(net, width), _batch_statistics(net), \
+                    enter(net, context):
                 with self.autocast(inputs):  # sliced widths change the forward's structure: never compiled
-                    logits = uncompiled(model)(resize(inputs, resolution))
+                    logits = uncompiled(model)(resize(inputs, resolution, align_corners=self.align_corners))
                 if logits.shape != teacher.shape:
                     raise ValueError(f"a sub-network's output has shape {tuple(logits.shape)} but the full network's "
                                      f"{tuple(teacher.shape)}: its classifier was sliced; name the classifier with "
                                      "maxup.slim.slimmable(model, keep=['name'])")
                 self.backward(self.kd_weight * distillation_loss(logits, teacher, weights))
-
-
-def make_gradaug(objective, optimizer, *, model=None, n_subnets: int = 3, width_range=(0.9, 1.0), resolutions=None,
-                 kd_weight: float = 1.0, sam: SAM | None = None, max_grad_norm: float | None = None,
-                 amp: str | None = None) -> GradAug:
-    """Registry factory for ``gradaug(...)``; with a ``sam``/``asam`` term (``sam``: the SAM step it describes),
-    SAM on the GradAug loss. Converts ``model`` to width-sliceable layers at once (errors early)."""
-    options = {}
-    if sam is not None:
-        options = {k: getattr(sam, k) for k in ("rho", "adaptive", "eta", "weights_only", "interval",
-                                                 "accumulation_steps", "sync_first")}
-    step = GradAug(objective, optimizer, n_subnets=n_subnets, width_range=width_range, resolutions=resolutions,
-                   kd_weight=kd_weight, max_grad_norm=max_grad_norm, amp=amp, **options)
-    if model is not None:
-        slimmable(_unwrap(model))
-    return step

@@ -20,7 +20,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .metrics import evaluate, expected_calibration_error, perplexity
-from .optim import make_optimizer, make_scheduler, parameter_groups
+from .optimizers import make_optimizer, make_scheduler, parameter_groups
 from .trainer import TIMING_KEYS, NonFiniteLossError, NonFiniteStateError, Trainer
 
 __all__ = [
