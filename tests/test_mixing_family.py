@@ -251,6 +251,8 @@ def test_soft_augmentation_defaults_are_the_authors_code_recipe():
     options = A.SoftAugmentation(num_classes=10)._options()
     assert {k: options[k] for k in AUTHORS_CODE} == AUTHORS_CODE
     assert {k: M.REGISTRY["soft_augment"].options()[k] for k in AUTHORS_CODE} == AUTHORS_CODE  # the spec term's
+    curve = MF.softening_curve(torch.tensor([0.5]), 10)  # the functional curve's defaults: k = 2, T = 1, p_max = 1
+    assert curve.item() == pytest.approx(1 - 0.9 * 0.5 ** 2)
     built = M.build_augment("soft_augment(sigma=0.3125, power=4.0, fill_scale=1.0, reweight=false)", 10)
     assert {k: built._options()[k] for k in OLD_DEFAULTS} == OLD_DEFAULTS
 

@@ -7,7 +7,17 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_int, check_positive, check_probability
-from .mixing import _box_weight, _check_boxes, _check_fill, _mix_targets, _per_sample, box_area, crop_flip, cutmix, mixup
+from .mixing import (
+    _box_weight,
+    _check_boxes,
+    _check_fill,
+    _mix_targets,
+    _per_sample,
+    box_area,
+    crop_flip,
+    cutmix,
+    mixup,
+)
 
 __all__ = ["lumix", "occlude", "perturb_ratio", "shift_crop", "soften_targets", "softening_curve"]
 
@@ -16,16 +26,20 @@ __all__ = ["lumix", "occlude", "perturb_ratio", "shift_crop", "soften_targets", 
 
 
 def softening_curve(visible, num_classes: int, *, p_max: float = 1.0, threshold: float = 1.0,
-                    power: float = 4.0) -> torch.Tensor:
+                    power: float = 2.0) -> torch.Tensor:
     """Target confidence of a sample of which the fraction ``visible`` is left (Soft Augmentation).
 
     ``p = p_max - (p_max - 1/K) * ((T - v) / T)^k`` for ``v < T``, else ``p_max``; ``v`` is
-    clipped to [0, 1], so ``v = 0`` gives chance, ``1/K``. Defaults: the paper's code
-    (``T = 1``, ``k = 4``, ``p_max = 1``; Liu, Yan, Leal-Taixe, Hays, Ramanan, "Soft Augmentation
-    for Image Classification", CVPR 2023).
+    clipped to [0, 1], so ``v = 0`` gives chance, ``1/K``. Defaults: what the authors' CIFAR
+    code runs (``T = 1``, ``k = 2`` from ``train.py --pcrop 2``, ``p_max = 1``; Liu, Yan,
+    Leal-Taixe, Hays, Ramanan, "Soft Augmentation for Image Classification", CVPR 2023;
+    github.com/youngleox/soft_augmentation). ``power=4.0`` is the default of their ``SoftCrop``
+    helper, which ``train.py`` overrides.
 
     >>> softening_curve(torch.tensor([0.0, 0.5, 1.0]), 10)
-    tensor([0.1000, 0.9438, 1.0000])
+    tensor([0.1000, 0.7750, 1.0000])
+    >>> softening_curve(torch.tensor([0.5]), 10, power=4.0)
+    tensor([0.9438])
     """
     check_int("num_classes", num_classes, minimum=2)
     p_max = check_probability("p_max", p_max)
@@ -87,7 +101,8 @@ def _fill(x: torch.Tensor, fill) -> torch.Tensor:
     fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
     if fill.dim() == 2:
         if fill.shape != x.shape[:2]:
-            raise ValueError(f"fill must be a number or have shape {tuple(x.shape[:2])} (B, C), got {tuple(fill.shape)}")
+            raise ValueError(f"fill must be a number or have shape {tuple(x.shape[:2])} (B, C), "
+                             f"got {tuple(fill.shape)}")
         fill = fill[:, :, None, None]
     return fill.expand_as(x)
 
