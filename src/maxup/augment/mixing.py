@@ -86,9 +86,22 @@ class HMix(_Mixing):
 
 @register("gmix", "GMix (Park et al.): another sample blended in through a Gaussian mask, on images; for G-Mix, SAM on the Mixup loss (Li and Tang), see sam_mixup", per_sample=True)
 class GMix(_Mixing):
-    """GMix (Park et al. 2022): the partner blended in through a Gaussian mask of area ``(1 - lam) H W``."""
+    """GMix (Park et al. 2022): the partner blended in through a Gaussian mask of area ``(1 - lam) H W``.
+
+    Not G-Mix (Li and Tang 2023, SAM on the Mixup loss): that is the step
+    :class:`maxup.steps.SAMMixup`, the spec term ``sam_mixup``.
+    """
 
     domain = "image"
+
+    def check(self, x, y):
+        try:
+            return super().check(x, y)
+        except ValueError as err:
+            if isinstance(x, torch.Tensor) and x.dim() != 4:
+                raise ValueError(f"{err}. gmix is GMix, the Gaussian-mask augmentation for images (Park et al.); "
+                                 "for G-Mix, SAM on the Mixup loss (Li and Tang), use sam_mixup") from None
+            raise
 
     def apply(self, x, t, generator):
         lam, perm = self._draw(x, generator)

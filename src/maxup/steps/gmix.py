@@ -182,7 +182,7 @@ def _with_mixup(objective: Objective, mixup: Mixup) -> Objective:
     aug = objective.augment
     if isinstance(aug, torch.nn.Module) and any(getattr(m, "reweight", False) for m in aug.modules()):
         raise ValueError("soft_augment(reweight=true) does not compose with sam_mixup (G-Mix), which mixes after it: "
-                         "drop reweight or use sam+mixup")
+                         "pass soft_augment(reweight=false) or use sam+mixup")
     if getattr(aug, "context", None):
         raise ValueError(f"{type(aug).__name__} acts inside the model's forward and must come last; G-Mix (sam_mixup) "
                          "mixes after it: use it alone or under sam")
