@@ -12,7 +12,8 @@ A spec joins terms with ``+``; each term is ``name`` or ``name(key=value, ...)``
 
 Augmentation terms apply in the order written; at most one objective term (``erm``,
 ``maxup``) wraps them, at most one step term (GradAug, G-Mix, ...) trains the objective,
-and at most one wrapper (``sam``, ``asam``) wraps the step. Every term is a class that
+at most one wrapper (``sam``, ``asam``) wraps the step, and at most one weight average (``ema``,
+``swa``) is kept beside the model (:mod:`maxup.averaging`). Every term is a class that
 registered itself (:mod:`maxup.registry`) and declares its traits; :func:`parse` reads a
 spec once into a :class:`Spec`, which every layer passes down and which builds the step.
 """
@@ -29,11 +30,12 @@ import torch
 from . import augment as A
 from .registry import REGISTRY, Entry, register
 
-__all__ = ["Entry", "REGISTRY", "Spec", "Term", "build_augment", "build_objective", "build_step", "canonical",
+__all__ = ["Entry", "REGISTRY", "Spec", "Term", "build_augment", "build_average", "build_objective", "build_step",
+           "canonical",
            "list_methods", "parse", "register", "split_outside"]
 
 # every term registers itself where it is defined: import the packages that hold them
-for _package in ("augment", "objectives", "steps"):
+for _package in ("augment", "objectives", "steps", "averaging"):
     importlib.import_module(f"{__package__}.{_package}")
 
 
@@ -185,6 +187,16 @@ class Spec:
             step = wrapper.entry.factory(step, **wrapper.kwargs)
         return step
 
+    def build_average(self, model: torch.nn.Module):
+        """The weight average to keep beside ``model`` (:mod:`maxup.averaging`), or None."""
+        term = next(iter(self.of_kind("average")), None)
+        return None if term is None else term.entry.factory(model, **term.kwargs)
+
+
+def build_average(spec: Spec | str, model: torch.nn.Module):
+    """The weight average a spec asks for (``ema``, ``swa``), or None (see :meth:`Spec.build_average`)."""
+    return parse(spec).build_average(model)
+
 
 def parse(spec: str | Spec) -> Spec:
     """Read a spec into a :class:`Spec`, checking names, arguments and how the terms compose."""
@@ -199,7 +211,7 @@ def parse(spec: str | Spec) -> Spec:
 
 def _check(parsed: Spec, spec: str) -> None:
     """The rules of composition, read from the terms' traits."""
-    for kind in ("objective", "step", "wrapper"):
+    for kind in ("objective", "step", "wrapper", "average"):
         found = [t.name for t in parsed.of_kind(kind)]
         if len(found) > 1:
             raise ValueError(f"method spec {spec!r} has more than one {kind} term: {found}")

@@ -19,8 +19,8 @@ from typing import Any, Callable
 __all__ = ["DOMAINS", "KINDS", "REGISTRY", "Entry", "Traits", "register"]
 
 #: ``augment``: changes the batch; ``objective``: the loss over (copies of) the batch; ``step``: the passes
-#: and the update; ``wrapper``: wraps any step (SAM, ASAM)
-KINDS = ("augment", "objective", "step", "wrapper")
+#: and the update; ``wrapper``: wraps any step (SAM, ASAM); ``average``: a weight average kept beside the model
+KINDS = ("augment", "objective", "step", "wrapper", "average")
 #: the inputs a term works on: ``any``; ``tensor`` (float inputs: images or features); ``image`` (B, C, H, W);
 #: ``sequence`` (token ids (B, T), language modelling)
 DOMAINS = ("any", "tensor", "image", "sequence")

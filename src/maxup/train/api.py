@@ -8,7 +8,7 @@ from torch import nn
 from .. import methods
 from ..data import DataSplits, TensorData
 from . import distributed as D
-from .optim import make_optimizer, make_scheduler
+from .optimizers import make_optimizer, make_scheduler
 from .trainer import Trainer
 
 
@@ -59,7 +59,9 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     settings ``compile`` (``torch.compile`` the model), ``channels_last`` and ``tf32`` (CUDA only).
 
     >>> history = maxup.fit(model, "maxup(m=4)+cutmix", train=(x, y), test=(x_test, y_test), epochs=30)
-    >>> history[-1]["test_accuracy"]
+    >>> len(history)                                  # one record per epoch
+    30
+    >>> accuracy = history[-1]["test_accuracy"]
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -77,9 +79,10 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     module = D.unwrap_model(model).to(device)  # the plain network (a compiled model's _orig_mod)
     opt = make_optimizer(module, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     step_options = {k: v for k, v in (("amp", amp), ("max_grad_norm", max_grad_norm)) if v is not None}
-    step = methods.build_step(method, model=module, optimizer=opt, num_classes=num_classes, **step_options)
+    spec = methods.parse(method)
+    step = spec.build_step(model=module, optimizer=opt, num_classes=num_classes, **step_options)
     config = {
-        "method": methods.canonical(method),
+        "method": str(spec),
         "model": type(module).__name__,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -97,7 +100,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     }
     trainer = Trainer(model, step, train_d, test=test_d, val=val_d, epochs=epochs, batch_size=batch_size, seed=seed,
                       device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes,
-                      compile=compile, channels_last=channels_last, tf32=tf32)
+                      compile=compile, channels_last=channels_last, tf32=tf32, average=spec.build_average(module))
     try:
         trainer.scheduler = make_scheduler(opt, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
                                            warmup_epochs=warmup_epochs)

@@ -19,6 +19,7 @@ from torch import nn
 from .._checks import check_int
 from .._modules import _compiled, strip_compile_prefix
 from ..data import Loader, TensorData
+from ..averaging import WeightAverage
 from ..functional._random import DeviceGenerator
 from . import distributed as D
 from .checkpoint import (
@@ -102,7 +103,8 @@ class Trainer:
 
     The step makes no host read (see ``benchmarks/host_syncs.py``); the trainer checks the
     loss for NaN or infinity on the device and reads the verdict every ``check_every`` steps
-    and at the end of each epoch, so an error names the first bad step and the steps since. One history record per epoch holds ``epoch``, ``step``
+    and at the end of each epoch, so an error names the first bad step and the steps since.
+    One history record per epoch holds ``epoch``, ``step``
     (global optimizer steps), ``lr`` (of the epoch's last step), ``train_loss``,
     ``train_accuracy`` (on the augmented batches), ``val_*``/``test_*`` (``accuracy``, ``loss``,
     ``ece``, and ``perplexity`` for token sequences; see :func:`evaluate`), on the last epoch
@@ -136,6 +138,8 @@ class Trainer:
             ``model.pt`` hold the plain model's state either way.
         channels_last: the model and 4-D inputs in channels-last memory format.
         tf32: on CUDA, allow TF32 in fp32 matrix multiplies and convolutions (and set cudnn.benchmark).
+        average: a weight average (:class:`maxup.averaging.EMA` or :class:`~maxup.averaging.SWA`) kept beside
+            the model, evaluated every epoch (``ema_test_accuracy``, ...) and saved in the checkpoints.
 
     Raises (from :meth:`fit`):
         NonFiniteLossError: a NaN or infinite loss; the last good checkpoint is kept.
@@ -147,7 +151,7 @@ class Trainer:
                  device=None, out_dir=None, keep_checkpoints: int = 2, checkpoint_every: int = 1,
                  config: dict | None = None, progress: bool | None = None, num_classes: int,
                  log_tensorboard: bool = False, check_every: int = 50, compile: bool | str = False,
-                 channels_last: bool = False, tf32: bool = True):
+                 channels_last: bool = False, tf32: bool = True, average=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = getattr(step, "optimizer", None)
@@ -179,6 +183,8 @@ class Trainer:
             raise ValueError(f"config must be a dict or None, got {type(config).__name__}")
         if progress is not None and not isinstance(progress, bool):
             raise ValueError(f"progress must be True, False or None, got {progress!r}")
+        if average is not None and not isinstance(average, WeightAverage):
+            raise ValueError(f"average must be a maxup.averaging.EMA or SWA (or None), got {type(average).__name__}")
         if scheduler is not None and not hasattr(scheduler, "step"):
             raise ValueError(f"scheduler must be a torch learning-rate scheduler or None, "
                              f"got {type(scheduler).__name__}")
@@ -197,6 +203,7 @@ class Trainer:
         self.module = D.unwrap_model(model).to(self.device)
         if channels_last:
             self.module.to(memory_format=torch.channels_last)
+        self.average = None if average is None else average.to(self.device)
         net = self.module
         if self.compile:  # DDP around the compiled net: MaxUp's selection forwards it without DDP's broadcasts
             net = compile_model(net, backend=self.compile)
@@ -306,8 +313,12 @@ class Trainer:
         bad_loss = torch.zeros((), dtype=torch.float32, device=self.device)
         since, lrs = 1, {}
         shown = time.perf_counter()
+        fixed_lr = None if self.average is None else self.average.lr(epoch)  # SWA's constant learning rate
         try:
             for i, (x, y) in enumerate(self.loader, 1):
+                if fixed_lr is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = fixed_lr
                 lr = self.optimizer.param_groups[0]["lr"]
                 lrs[i] = lr
                 result = self.step(self.model, x, y, self.generator)
@@ -322,7 +333,9 @@ class Trainer:
                         raise self._nonfinite(epoch, at, n_steps, bad_loss, lrs.get(at, lr), checked=(since, i))
                     since, lrs = i + 1, {}
                 self.global_step += 1
-                if self.scheduler is not None:
+                if self.average is not None:
+                    self.average.after_step(self.module)
+                if self.scheduler is not None and fixed_lr is None:
                     self.scheduler.step()
                 logits, targets = result.logits.detach(), result.targets
                 labels = targets.argmax(-1) if targets.is_floating_point() else targets  # (B,) or (B, T) tokens
@@ -351,11 +364,18 @@ class Trainer:
             "train_accuracy": correct / rows,
         }
         eval_batch = max(512, self.batch_size)
-        for name, data in (("val", self.val_data), ("test", self.test_data)):
-            if data is not None:
-                metrics = evaluate(self.module, data, batch_size=eval_batch, device=self.device,
-                                   num_classes=self.num_classes)
-                record.update({f"{name}_{k}": v for k, v in metrics.items()})
+        models = [("", self.module)]
+        if self.average is not None:
+            self.average.after_epoch(self.module, epoch + 1)
+            averaged = self.average.averaged(self.train_data, device=self.device, batch_size=eval_batch)
+            if averaged is not None:
+                models.append((f"{self.average.prefix}_", averaged))
+        for prefix, model in models:
+            for name, data in (("val", self.val_data), ("test", self.test_data)):
+                if data is not None:
+                    metrics = evaluate(model, data, batch_size=eval_batch, device=self.device,
+                                       num_classes=self.num_classes)
+                    record.update({f"{prefix}{name}_{k}": v for k, v in metrics.items()})
         if epoch + 1 == self.epochs:  # convergence: the clean training set, eval mode, no augmentation
             metrics = evaluate(self.module, self.train_data, batch_size=eval_batch, device=self.device,
                                num_classes=self.num_classes)
@@ -391,6 +411,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "step": self.step.state_dict(),
+            "average": None if self.average is None else self.average.state_dict(),
             "history": [dict(r) for r in self.history],
             "rng": [capture_rng(self.generator)],
             "meta": {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
@@ -487,6 +508,10 @@ class Trainer:
                 else:
                     self.scheduler.load_state_dict(state["scheduler"])
             self.step.load_state_dict(state["step"])
+            if self.average is not None:
+                if state.get("average") is None:
+                    raise KeyError("the checkpoint holds no weight average")
+                self.average.load_state_dict(state["average"])
         except (RuntimeError, KeyError, ValueError, TypeError) as err:
             raise CheckpointError(f"checkpoint {path} does not fit this model, optimizer or method "
                                   f"({type(err).__name__}: {' '.join(str(err).split())}). Resume "
@@ -529,6 +554,7 @@ class Trainer:
             "parameters": sum(p.numel() for p in self.module.parameters()),
             "step": type(self.step).__name__,
             "objective": repr(objective),
+            "average": None if self.average is None else repr(self.average),
             "amp": getattr(self.step, "amp", None),
             "max_grad_norm": getattr(self.step, "max_grad_norm", None),
             "optimizer": type(opt).__name__,
