@@ -41,7 +41,7 @@ def test_every_module_imports_alone():
 
 def test_registry_entries_describe_themselves():
     for name, entry in REGISTRY.items():
-        assert entry.kind in ("augment", "objective", "step", "wrapper"), name
+        assert entry.kind in ("augment", "objective", "step", "wrapper", "average"), name
         assert entry.cls.domain in ("any", "tensor", "image", "sequence"), name
         for key in entry.options():
             assert key not in entry.cls.filled, (name, key)
@@ -188,3 +188,12 @@ def test_standard_is_a_step_and_steps_are_plain_subclasses():
     model = nn.Linear(3, 2)
     step = Standard(ERM(), torch.optim.SGD(model.parameters(), lr=0.1))
     assert isinstance(step, Step) and step.kind == "step" and step.domain == "any"
+
+
+def test_a_forward_context_survives_later_augmentations():
+    """embed_noise followed by word_dropout: the noise context of the first member reaches the forward."""
+    model = LSTMLanguageModel(12, dim=4, dropout=0.0)
+    x, y = torch.randint(1, 12, (3, 5)), torch.randint(0, 12, (3, 5))
+    aug = M.parse("embed_noise(sigma=1.0)+word_dropout(p=0.5)").build_augment(12, model)
+    xa, ya, context = aug.draw(x, y, torch.Generator().manual_seed(0))
+    assert isinstance(context, EmbeddingNoise) and context.noise.shape == (3, 5, 4) and not torch.equal(xa, x)

@@ -4,4 +4,5 @@ from .objectives import ERM, MaxUp
 from .train import Trainer, fit
 
 __version__ = "0.1.0"
-__all__ = ["ERM", "MaxUp", "Trainer", "augment", "fit", "functional", "methods", "objectives", "optim", "steps", "train"]
+__all__ = ["ERM", "MaxUp", "Trainer", "augment", "fit", "functional", "methods", "objectives", "optim", "steps",
+           "train"]

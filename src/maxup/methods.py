@@ -137,7 +137,7 @@ class Spec:
         """Whether any term has the trait ``name`` (``random``, ``mixes_rows``, ...)."""
         return any(t.entry.trait(name) for t in self.terms)
 
-    def check_domain(self, domain: str) -> "Spec":
+    def check_domain(self, domain: str) -> Spec:
         """Refuse terms that do not work on ``domain`` inputs: ``"image"`` (images and feature vectors),
         ``"tensor"`` (feature vectors only) or ``"sequence"`` (token ids, language modelling)."""
         if domain not in _ACCEPTS:
@@ -248,7 +248,8 @@ def build_objective(spec: Spec | str | list[Term], num_classes: int, model: torc
 
 def build_step(spec: Spec | str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_classes: int,
                **step_options):
-    """The training step a spec describes, e.g. ``build_step("maxup(m=4)+cutout", model=..., optimizer=..., num_classes=10)``.
+    """The training step a spec describes,
+    e.g. ``build_step("maxup(m=4)+cutout", model=..., optimizer=..., num_classes=10)``.
 
     ``step_options`` (``max_grad_norm``, ``amp``, ...) go to the step's constructor.
     """

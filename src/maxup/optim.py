@@ -10,7 +10,7 @@ SAM (Foret et al. 2021) minimizes ``max_{||eps|| <= rho} L(w + eps)``. One step:
    optimizer apply the gradient of step 3 at ``w``.
 
 :func:`sam_perturbation` is the one functional core: this wrapper and the training
-step :class:`maxup.steps.SAM` both call it.
+step :class:`maxup.steps.SharpnessAware` both call it.
 
 >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
 >>> loss_fn(model(x), y).backward()          # gradient at w
@@ -18,16 +18,17 @@ step :class:`maxup.steps.SAM` both call it.
 >>> loss_fn(model(x), y).backward()          # gradient at w + eps
 >>> opt.second_step(zero_grad=True)          # restore w, base optimizer update
 
-The training step :class:`maxup.steps.SAM` adds what a bare wrapper cannot see:
-BatchNorm statistics from the first pass only, ``no_sync`` under DDP, gradient
-accumulation, fp16 loss scaling, clipping of the final gradient.
+The training step :class:`maxup.steps.SharpnessAware` (around any objective or step,
+e.g. MaxUp or GradAug) adds what a bare wrapper cannot see: BatchNorm statistics from
+the first pass only, ``no_sync`` under DDP, gradient accumulation, fp16 loss scaling,
+clipping of the final gradient.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from numbers import Real
-from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -98,7 +99,7 @@ def _norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(())
     device = tensors[0].device
     parts = []
-    for (dev, _), idx in _groups(range(len(tensors)), tensors).items():
+    for _, idx in _groups(range(len(tensors)), tensors).items():
         norms = torch._foreach_norm([tensors[i] for i in idx])
         parts.append(torch.linalg.vector_norm(torch.stack([v.float() for v in norms])).to(device))
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
@@ -185,16 +186,16 @@ class SAM(torch.optim.Optimizer):
     scheduler works on either object, and ``rho``/``adaptive``/``eta`` may be set per group.
 
     Use :meth:`first_step` / :meth:`second_step` around the second forward-backward, or
-    :meth:`step` with a closure. The training step :class:`maxup.steps.SAM` wraps the same
-    core with BatchNorm, DDP, accumulation and fp16 handled.
+    :meth:`step` with a closure. The training step :class:`maxup.steps.SharpnessAware` wraps
+    the same core with BatchNorm, DDP, accumulation and fp16 handled.
 
     >>> opt = SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     >>> def closure():
     ...     loss = loss_fn(model(x), y)
     ...     loss.backward()
     ...     return loss
-    >>> closure()                      # gradient at w
-    >>> opt.step(closure)              # ascend, closure at w + eps, restore, update
+    >>> loss = closure()               # gradient at w
+    >>> loss = opt.step(closure)       # ascend, closure at w + eps, restore, update
     >>> opt.zero_grad()
 
     References: Foret et al., "Sharpness-Aware Minimization for Efficiently Improving

@@ -5,7 +5,7 @@ Integer labels need ``num_classes`` at construction; soft (B, C) targets pass th
 Inputs are never edited in place; any device works, and so does a DataLoader
 ``collate_fn`` (see :func:`collate`).
 
->>> aug = CutMix(alpha=1.0, num_classes=10, per_sample=True)
+>>> aug = maxup.augment.CutMix(alpha=1.0, num_classes=10, per_sample=True)
 >>> x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
 >>> xa, ya = aug(x, y, generator=torch.Generator().manual_seed(0))
 >>> xa.shape, ya.shape
@@ -14,7 +14,7 @@ Inputs are never edited in place; any device works, and so does a DataLoader
 from __future__ import annotations
 
 import inspect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ class Augmentation(Traits, nn.Module):
     _values_checked = False
 
     @classmethod
-    def from_spec(cls, *, model=None, num_classes=None, **options) -> "Augmentation":
+    def from_spec(cls, *, model=None, num_classes=None, **options) -> Augmentation:
         """Build from a method spec's options; ``model`` is offered to classes that take it."""
         extra = {"model": model} if "model" in inspect.signature(cls).parameters else {}
         return cls(**options, **extra, num_classes=num_classes)
@@ -130,9 +130,11 @@ class Compose(Augmentation):
         return (x, y) if self.domain == "sequence" else super().check(x, y)  # members check token ids
 
     def apply_context(self, x, t, generator):
-        for aug in self.augmentations[:-1]:
-            x, t = aug(x, t, generator)
-        return self.augmentations[-1].draw(x, t, generator)
+        context = None  # at most one member makes one (checked when composed)
+        for aug in self.augmentations:
+            x, t, made = aug.draw(x, t, generator)
+            context = made if made is not None else context
+        return x, t, context
 
     def _options(self):
         return {}
@@ -151,7 +153,8 @@ class RandomChoice(Augmentation):
         self.last = next((a.last for a in augmentations if a.last), None)  # the drawn member may need it
         w = torch.ones(len(augmentations)) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (len(augmentations),) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"weights must be {len(augmentations)} non-negative numbers with a positive sum, got {weights!r}")
+            raise ValueError(f"weights must be {len(augmentations)} non-negative numbers with a positive sum, "
+                             f"got {weights!r}")
         self.register_buffer("weights", (w / w.sum()).float(), persistent=False)
         _combine_traits(self, augmentations)
 
@@ -160,7 +163,8 @@ class RandomChoice(Augmentation):
 
     def apply_context(self, x, t, generator):
         u = R.host_rand(1, generator=generator)[0]  # a host choice: from the host generator
-        i = min(int(torch.searchsorted(self.weights.cumsum(0).cpu(), torch.tensor([u]), right=True)), len(self.weights) - 1)
+        i = int(torch.searchsorted(self.weights.cumsum(0).cpu(), torch.tensor([u]), right=True))
+        i = min(i, len(self.weights) - 1)
         return self.augmentations[i].draw(x, t, generator)
 
     def _options(self):
@@ -193,7 +197,8 @@ def _combine_traits(combined: Augmentation, augmentations) -> None:
 def collate(augment: Augmentation, generator: torch.Generator | None = None):
     """A DataLoader ``collate_fn`` that stacks (x, y) samples and augments the batch.
 
-    >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate(Mixup(num_classes=10)))
+    >>> mixup = maxup.augment.Mixup(num_classes=10)
+    >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate(mixup))
 
     An augmentation that acts inside the model's forward (Manifold Mixup, embedding noise) is
     refused: a loader cannot reach the model.
@@ -205,7 +210,8 @@ def collate(augment: Augmentation, generator: torch.Generator | None = None):
 
     def fn(batch):
         xs, ys = zip(*batch)
-        return augment(torch.stack(xs), torch.as_tensor(ys) if not torch.is_tensor(ys[0]) else torch.stack(ys), generator)
+        labels = torch.as_tensor(ys) if not torch.is_tensor(ys[0]) else torch.stack(ys)
+        return augment(torch.stack(xs), labels, generator)
 
     return fn
 

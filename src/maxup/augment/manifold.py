@@ -1,7 +1,7 @@
 """Manifold Mixup as an augmentation: it draws the mixing, the model's forward applies it."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     return (INPUT, *stages)
 
 
-@register("manifold_mixup", "Manifold Mixup: hidden features mixed at a layer drawn from layers (default: the input and every stage); last in a spec", per_sample=True)
+@register("manifold_mixup", "Manifold Mixup: hidden features mixed at a layer drawn from layers (default: the input "
+          "and every stage); last in a spec", per_sample=True)
 class ManifoldMixup(_Mixing):
     """Manifold Mixup (Verma et al., "Manifold Mixup: Better Representations by Interpolating Hidden
     States", ICML 2019): mix hidden features at a layer drawn at random.

@@ -23,7 +23,8 @@ class _Mixing(Augmentation):
         self.per_sample = bool(per_sample)
 
     def _draw(self, x, generator):
-        """(k,) lambdas, k = B per sample or 1 per batch (one box, centre or scale for the batch too), and a partner permutation."""
+        """(k,) lambdas, k = B per sample or 1 per batch (one box, centre or scale for the batch too), and a
+        partner permutation."""
         n = x.shape[0]
         k = n if self.per_sample else 1
         if self.alpha == 1.0:  # Beta(1, 1) is U(0, 1): one uniform draw instead of two gamma samplers
@@ -84,7 +85,8 @@ class HMix(_Mixing):
         return {"ratio": self.ratio, **super()._options()}
 
 
-@register("gmix", "GMix (Park et al.): another sample blended in through a Gaussian mask, on images; for G-Mix, SAM on the Mixup loss (Li and Tang), see sam_mixup", per_sample=True)
+@register("gmix", "GMix (Park et al.): another sample blended in through a Gaussian mask, on images; for G-Mix, "
+          "SAM on the Mixup loss (Li and Tang), see sam_mixup", per_sample=True)
 class GMix(_Mixing):
     """GMix (Park et al. 2022): the partner blended in through a Gaussian mask of area ``(1 - lam) H W``.
 

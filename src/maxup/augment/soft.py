@@ -30,7 +30,7 @@ class LabelSmoothing(Augmentation):
     Linear in the targets, so its place among mixing augmentations does not matter.
     It draws nothing: MaxUp over label smoothing alone would draw identical copies.
 
-    >>> LabelSmoothing(0.1, num_classes=4)(x, torch.tensor([0, 3]))[1]
+    >>> LabelSmoothing(0.1, num_classes=4)(x[:2], torch.tensor([0, 3]))[1]
     tensor([[0.9250, 0.0250, 0.0250, 0.0250],
             [0.0250, 0.0250, 0.0250, 0.9250]])
     """
@@ -48,7 +48,8 @@ class LabelSmoothing(Augmentation):
         return {"eps": self.eps, "num_classes": self.num_classes}
 
 
-@register("soft_augment", "Soft Augmentation: an aggressive crop (or occlusion) whose target confidence falls with the visible fraction")
+@register("soft_augment", "Soft Augmentation: an aggressive crop (or occlusion) whose target confidence falls with "
+          "the visible fraction")
 class SoftAugmentation(Augmentation):
     """Soft Augmentation (Liu et al., CVPR 2023): an aggressive crop or occlusion whose target
     confidence falls with the visible fraction ``v`` of the image.
@@ -168,7 +169,8 @@ class SoftAugmentation(Augmentation):
                 **super()._options()}
 
 
-@register("lumix", "LUMix: Mixup or CutMix with the label ratio perturbed by U[-u, u] (this project's rule)", per_sample=True)
+@register("lumix", "LUMix: Mixup or CutMix with the label ratio perturbed by U[-u, u] (this project's rule)",
+          per_sample=True)
 class LUMix(_Mixing):
     """LUMix: Mixup or CutMix whose label ratio is perturbed to model label uncertainty.
 

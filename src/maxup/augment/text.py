@@ -108,7 +108,7 @@ class EmbeddingNoise(TokenAugmentation):
         self.dim = check_int("dim", dim)
 
     @classmethod
-    def from_spec(cls, *, model=None, num_classes=None, **options) -> "EmbeddingNoise":
+    def from_spec(cls, *, model=None, num_classes=None, **options) -> EmbeddingNoise:
         embedding = getattr(unwrap(model), "embedding", None) if model is not None else None
         if not isinstance(embedding, torch.nn.Embedding):
             raise ValueError("embed_noise needs a model whose nn.Embedding is its .embedding attribute, such as "

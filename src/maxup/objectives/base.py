@@ -51,7 +51,7 @@ class Objective(Traits):
     filled = ("augment",)
 
     @classmethod
-    def from_spec(cls, augment=None, **options) -> "Objective":
+    def from_spec(cls, augment=None, **options) -> Objective:
         """Build from a method spec: the spec's augmentations and this term's options."""
         return cls(augment, **options)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..augment import Augmentation
 from ..functional import soft_targets
 from ..registry import register
 from .base import Objective, ObjectiveResult, augmented, plain

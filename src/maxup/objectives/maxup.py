@@ -9,7 +9,7 @@ from torch import nn
 
 from .._checks import check_int, check_positive
 from .._modules import local
-from ..augment import Identity
+from ..augment import Augmentation, Identity
 from ..functional import soft_cross_entropy, soft_targets
 from ..functional.context import enter, forward_model
 from ..registry import register
@@ -93,7 +93,8 @@ class MaxUp(Objective):
         if mode == "select" and coupled:
             raise ValueError(_select_coupled(augment))
         self.mode = mode
-        self.select_batch_size = None if select_batch_size is None else check_int("select_batch_size", select_batch_size)
+        self.select_batch_size = (None if select_batch_size is None
+                                  else check_int("select_batch_size", select_batch_size))
         if select_amp not in (None, "bf16", "fp16"):
             raise ValueError(f"select_amp must be None, 'bf16' or 'fp16' (the selection pass's autocast precision), "
                              f"got {select_amp!r}")
@@ -170,7 +171,8 @@ class MaxUp(Objective):
         per = max(1, rows // b)  # whole copies per chunk
         precision = contextlib.nullcontext()
         if self.select_amp is not None:
-            precision = torch.autocast(xs.device.type, dtype=torch.bfloat16 if self.select_amp == "bf16" else torch.float16)
+            dtype = torch.bfloat16 if self.select_amp == "bf16" else torch.float16
+            precision = torch.autocast(xs.device.type, dtype=dtype)
         if context is not None:  # one forward of all copies in their context
             per = k
         with torch.no_grad(), frozen_buffers(net), precision, enter(net, context):

@@ -45,7 +45,7 @@ class Step(Traits):
     filled = ("objective", "optimizer", "model", "num_classes", "max_grad_norm", "amp")
 
     @classmethod
-    def from_spec(cls, objective, optimizer, *, model=None, num_classes=None, **options) -> "Step":
+    def from_spec(cls, objective, optimizer, *, model=None, num_classes=None, **options) -> Step:
         """Build from a method spec: the objective, the optimizer, this term's options and the step options
         (``max_grad_norm``, ``amp``); ``model`` and ``num_classes`` go to classes that take them."""
         params = inspect.signature(cls).parameters
@@ -111,7 +111,8 @@ class Step(Traits):
         """The loss of the same rows at the current weights."""
         return self.objective.reevaluate(model, result)
 
-    def forward_backward(self, model, x, y, generator=None, *, sync: bool = True, scale: float = 1.0) -> ObjectiveResult:
+    def forward_backward(self, model, x, y, generator=None, *, sync: bool = True,
+                         scale: float = 1.0) -> ObjectiveResult:
         """Evaluate a batch and backpropagate (the backward synchronised under DDP when ``sync``);
         ``scale`` weights a micro-batch's loss by its share of the batch."""
         with no_sync(model, not sync):

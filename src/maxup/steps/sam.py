@@ -147,7 +147,7 @@ class SharpnessAware(Step):
         self.skipped_steps = 0
 
     @classmethod
-    def from_spec(cls, step, **options) -> "SharpnessAware":
+    def from_spec(cls, step, **options) -> SharpnessAware:
         return cls(step, **options)
 
     # the wrapped step's parts
