@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -61,7 +61,8 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def add_clock_option(parser) -> None:
     """``--clock wall|cpu`` on a benchmark's argument parser."""
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time (default) or this process's CPU time (steadier on a busy machine with --threads 1)")
+                        help="wall time (default) or this process's CPU time "
+                             "(steadier on a busy machine with --threads 1)")
 
 
 def interleaved(cases: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 2,
@@ -114,7 +115,8 @@ def table(header: list[str], rows: list[list]) -> str:
     cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.3g}" if isinstance(c, float) else str(c)
                                            for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
+    def fmt(r):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
     return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
 
 

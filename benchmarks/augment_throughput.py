@@ -69,7 +69,8 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed samples per case (default 15; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 3; --quick: 1)")
     p.add_argument("--inner", type=int, default=None, help="calls per timed sample (default 20; --quick: 2)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; --quick: 1)")
     p.add_argument("--no-kornia", action="store_true", help="skip kornia even when it is installed")
     T.add_clock_option(p)
     p.add_argument("--quick", action="store_true", help="few repeats, for a smoke test")
@@ -109,7 +110,8 @@ def main(argv=None):
         med = T.median(ts)
         lo, hi = T.spread(ts)
         ips = a.batch / med
-        results[name] = {"ms_per_batch": med * 1e3, "images_per_s": ips, "iqr_images_per_s": [a.batch / hi, a.batch / lo],
+        results[name] = {"ms_per_batch": med * 1e3, "images_per_s": ips,
+                         "iqr_images_per_s": [a.batch / hi, a.batch / lo],
                          "time_vs_maxup_mixup": T.ratio(times, name, ref)}
         target = "yes" if ips >= TARGET else "no"
         rows.append([name, f"{med * 1e3:.3f}", f"{ips:,.0f}", f"{a.batch / hi:,.0f}-{a.batch / lo:,.0f}",

@@ -90,9 +90,9 @@ def main(argv=None) -> dict:
     cases = {"maxup": ours, "reference": reference}
     info = T.machine()
     print(T.machine_line(info))
-    print(f"model: resnet depth {a.depth} width {a.width} on 1x28x28, eval mode, device {device}; n {a.n} noise samples "
-          f"per call, batch {a.batch}, sigma {a.sigma}; {a.repeats} rounds after {a.warmup} warm-up, cases "
-          f"interleaved, {a.clock} clock")
+    print(f"model: resnet depth {a.depth} width {a.width} on 1x28x28, eval mode, device {device}; "
+          f"n {a.n} noise samples per call, batch {a.batch}, sigma {a.sigma}; "
+          f"{a.repeats} rounds after {a.warmup} warm-up, cases interleaved, {a.clock} clock")
     times = T.interleaved(cases, repeats=a.repeats, warmup=a.warmup, clock=a.clock)
     rows, out = [], {}
     for name in cases:

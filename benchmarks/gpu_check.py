@@ -61,7 +61,8 @@ EXTRA = ["asam", "bgmix", "dgmix", "gmix", "hmix", "resizemix", "lumix", "smooth
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke run of every section)")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (default) or cpu (with --quick: a smoke run of every section)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CPU smoke test)")
     p.add_argument("--out", default="gpu_check_out", help="directory for gpu_check.json (default gpu_check_out)")
     p.add_argument("--model", default="cnn", help="model for the step timings (default cnn; e.g. resnet)")

@@ -40,13 +40,15 @@ AUGS = {
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--m", type=int, nargs="+", default=None, help="copies per sample (default 2 4 8; --quick: 2)")
-    p.add_argument("--aug", choices=sorted(AUGS), default="cutout", help="augmentation for ERM and MaxUp (default cutout)")
+    p.add_argument("--aug", choices=sorted(AUGS), default="cutout",
+                   help="augmentation for ERM and MaxUp (default cutout)")
     p.add_argument("--depth", type=int, default=None, help="ResNet depth 6n+2 (default 20; --quick: 8)")
     p.add_argument("--width", type=int, default=16, help="ResNet width (default 16)")
     p.add_argument("--batch", type=int, default=None, help="batch size B (default 128; --quick: 16)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; --quick: 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; --quick: 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice; --quick: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice; --quick: 1)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last memory format")
     p.add_argument("--breakdown", action="store_true", help="also time the parts of one select step")
     T.add_clock_option(p)
@@ -144,7 +146,8 @@ def main(argv=None):
     model, x, y, opt = setup(a)
     print(T.machine_line(info))
     print(f"model: resnet depth {a.depth} width {a.width}, input (1, 28, 28), batch {a.batch}, aug {a.aug}, "
-          f"{'channels_last, ' if a.channels_last else ''}repeats {a.repeats} after {a.warmup} warm-up rounds, {a.clock} clock")
+          f"{'channels_last, ' if a.channels_last else ''}repeats {a.repeats} after {a.warmup} warm-up rounds, "
+          f"{a.clock} clock")
 
     cases, meta = step_cases(a, model, x, y, opt)
     times = T.interleaved(cases, repeats=a.repeats, warmup=a.warmup, clock=a.clock)

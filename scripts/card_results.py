@@ -54,8 +54,8 @@ def section(name: str, comparisons: dict[str, dict]) -> str:
         budget = data["budget"].split("; not finished")[0]  # the seeds column says which runs finished
         lines += [f"**[{cname}](../results/{cname}/results.md)**: {budget}.", ""]
         if lm:
-            lines += ["| method | seeds | test perplexity | vs erm | best valid epoch | test perplexity at best valid | "
-                      "time/epoch vs erm |", "|---|---|---|---|---|---|---|"]
+            lines += ["| method | seeds | test perplexity | vs erm | best valid epoch "
+                      "| test perplexity at best valid | time/epoch vs erm |", "|---|---|---|---|---|---|---|"]
             for r in ([base] if base not in mine else []) + mine:
                 diff = r["test_perplexity"] - base["test_perplexity"]
                 lines.append(f"| {r['method']} | {r['seeds']} | {cell(r, 'test_perplexity', 1.0)} | {diff:+.2f} | "
@@ -72,7 +72,8 @@ def section(name: str, comparisons: dict[str, dict]) -> str:
         lines.append("")
     if not found:
         lines += ["No comparison in [docs/results](../results) has run this method yet.", ""]
-    lines += ["Mean ± sd over the seeds that finished (± 0.00 with one seed: no spread measured), written from each comparison's results.json by `python scripts/card_results.py`; "
+    lines += ["Mean ± sd over the seeds that finished (± 0.00 with one seed: no spread measured), "
+              "written from each comparison's results.json by `python scripts/card_results.py`; "
               "the reading is in [RESULTS.md](../RESULTS.md).", ""]
     return "\n".join(lines)
 

@@ -84,7 +84,8 @@ def test_probability_zero_is_identity():
 
 def test_gaussian_noise_statistics():
     x = torch.zeros(4000, 1, 5, 5)
-    out, _ = A.GaussianNoise(0.3, num_classes=2)(x, torch.zeros(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+    y = torch.zeros(4000, dtype=torch.long)
+    out, _ = A.GaussianNoise(0.3, num_classes=2)(x, y, torch.Generator().manual_seed(0))
     assert out.mean().abs() < 0.01 and abs(out.std().item() - 0.3) < 0.005
 
 

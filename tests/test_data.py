@@ -479,7 +479,7 @@ def test_loader_distributed_shards(n):
         ld = Loader(data, batch_size=3, seed=5, rank=rank, world_size=2)
         ld.set_epoch(2)
         shards.append(torch.cat([y for _, y in ld]).tolist())
-        assert len(ld) == -(-(-(-n // 2)) // 3)
+        assert len(ld) == -(-((n + 1) // 2) // 3)   # ceil(ceil(n / 2) / 3)
     assert len(shards[0]) == len(shards[1]) == -(-n // 2)
     assert set(shards[0]) | set(shards[1]) == set(range(n))
     if n % 2 == 0:
@@ -498,7 +498,8 @@ def test_loader_device_and_errors():
     ld = Loader(_data(), batch_size=8, device="cpu")
     x, y = next(iter(ld))
     assert x.device.type == "cpu" and y.dtype == torch.int64
-    for kwargs in ({"batch_size": 0}, {"batch_size": 2, "rank": 2, "world_size": 2}, {"batch_size": 2, "world_size": 0}):
+    bad = ({"batch_size": 0}, {"batch_size": 2, "rank": 2, "world_size": 2}, {"batch_size": 2, "world_size": 0})
+    for kwargs in bad:
         with pytest.raises(ValueError):
             Loader(_data(), **kwargs)
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from maxup.models import (
-    MLP,
     CNN1d,
+    MLP,
     ResNet,
     SmallCNN,
     WideResNet,
@@ -264,7 +264,8 @@ def test_eval_mode_is_deterministic_and_construction_is_seeded(name):
 
 def test_other_widths_build_from_layer_channel_counts():
     assert create_model("resnet", input_shape=(3, 8, 8), width=5, depth=8)(torch.randn(2, 3, 8, 8)).shape == (2, 10)
-    assert create_model("wrn", input_shape=(2, 8, 8), depth=10, widen_factor=1)(torch.randn(2, 2, 8, 8)).shape == (2, 10)
+    wrn = create_model("wrn", input_shape=(2, 8, 8), depth=10, widen_factor=1)
+    assert wrn(torch.randn(2, 2, 8, 8)).shape == (2, 10)
     assert create_model("cnn", input_shape=(1, 8, 8), channels=(6, 10))(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert create_model("cnn1d", input_shape=(3, 9), channels=(5,))(torch.randn(2, 3, 9)).shape == (2, 10)
     assert create_model("mlp", input_shape=(10,), hidden=())(torch.randn(2, 10)).shape == (2, 10)

@@ -165,7 +165,8 @@ def test_erm_plain_and_augmented():
 def test_reevaluate_reuses_the_chosen_copies(mode):
     model = small_net()
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 3, (6,))
-    result = MaxUp(A.CutMix(num_classes=3, per_sample=True), m=3, mode=mode)(model, x, y, torch.Generator().manual_seed(0))
+    objective = MaxUp(A.CutMix(num_classes=3, per_sample=True), m=3, mode=mode)
+    result = objective(model, x, y, torch.Generator().manual_seed(0))
     again = Objective.reevaluate(model, result)
     assert torch.allclose(again.loss, result.loss, atol=1e-6)
     assert again.inputs.shape[0] == 6  # zero-weight copies are skipped

@@ -611,8 +611,8 @@ def test_bad_input_gives_clear_errors():
 
 
 def test_old_names_still_work_with_a_deprecation_warning():
-    from maxup.steps import GMix as OldGMix
     from maxup.steps import SAM as OldSAM
+    from maxup.steps import GMix as OldGMix
 
     model = mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -213,6 +213,7 @@ make_trainer({out!r}, delay=0.05).fit()
 """
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     script = KILLED_RUN.format(threads=torch.get_num_threads(), out=str(killed))
@@ -466,6 +467,7 @@ with open(os.path.join(out, f"history-rank{rank}.json"), "w") as f:
 """
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_gloo(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(DDP_RUN))
@@ -492,13 +494,14 @@ def test_two_process_ddp_on_gloo(tmp_path):
     assert len(load_checkpoint(out / "checkpoints" / "epoch-0002.pt")["rng"]) == 2
 
 
-# --------------------------------------------------------------------------- issue 20: what a resume and a checkpoint promise
+# ---------------------------------------------------------------- issue 20: what a resume and a checkpoint promise
 
 
 def test_resume_with_other_settings_is_refused_and_more_epochs_are_recorded(tmp_path):
     make_trainer(tmp_path, epochs=2, config={"lr": 0.1, "dataset": "blobs", "data_dir": "a"}).fit()
     with pytest.raises(ValueError, match=r"lr 0\.1 -> 0\.2, seed 3 -> 4") as info:
-        make_trainer(tmp_path, epochs=2, seed=4, config={"lr": 0.2, "dataset": "blobs", "data_dir": "a"}).fit(resume=True)
+        make_trainer(tmp_path, epochs=2, seed=4,
+                     config={"lr": 0.2, "dataset": "blobs", "data_dir": "a"}).fit(resume=True)
     assert "config.yaml" in str(info.value)
     with pytest.raises(ValueError, match=r"dataset 'blobs' -> 'other'"):
         make_trainer(tmp_path, epochs=2, config={"lr": 0.1, "dataset": "other"}).fit(resume=True)

@@ -50,10 +50,10 @@ class WeightAverage(Traits):
     prefix = "avg"
 
     @classmethod
-    def from_spec(cls, model, **options) -> "WeightAverage":
+    def from_spec(cls, model, **options) -> WeightAverage:
         return cls(model, **options)
 
-    def to(self, device) -> "WeightAverage":
+    def to(self, device) -> WeightAverage:
         """Keep the average on ``device`` (the trainer's)."""
         for value in vars(self).values():
             if isinstance(value, nn.Module):

@@ -13,8 +13,9 @@ against this table and builds them; nothing else keeps a list of names.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["DOMAINS", "KINDS", "REGISTRY", "Entry", "Traits", "register"]
 

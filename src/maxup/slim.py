@@ -188,6 +188,7 @@ class set_width:
     Sets the width of every width-sliceable layer at once; used as a plain call, the
     width stays until the next call. The model must have been through :func:`slimmable`.
 
+    >>> model = slimmable(model)
     >>> with set_width(model, 0.75):
     ...     sub_logits = model(x)
     """

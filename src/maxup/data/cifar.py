@@ -95,7 +95,8 @@ def find_cifar_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
         if (folder / first).is_file():
             return folder
     tried = ", ".join(str(p) for p in candidates) or "(nowhere: no data_dir and MAXUP_DATA is unset)"
-    raise FileNotFoundError(f"{name}: no '{first}' batch found; looked in {tried}. To get the data, {_how_to_get(name)}.")
+    raise FileNotFoundError(f"{name}: no '{first}' batch found; looked in {tried}. "
+                            f"To get the data, {_how_to_get(name)}.")
 
 
 def _read_batches(name: str, folder: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +121,8 @@ def _read_batches(name: str, folder: Path, files: list[str]) -> tuple[np.ndarray
         if labels.ndim != 1 or len(labels) != len(data):
             raise ValueError(f"{path}: {len(labels)} labels for {len(data)} images; they must match")
         if len(labels) and (labels.min() < 0 or labels.max() >= spec["num_classes"]):
-            raise ValueError(f"{path}: labels must lie in 0..{spec['num_classes'] - 1}, got {labels.min()}..{labels.max()}")
+            raise ValueError(f"{path}: labels must lie in 0..{spec['num_classes'] - 1}, "
+                             f"got {labels.min()}..{labels.max()}")
         xs.append(data.reshape(-1, 3, 32, 32))
         ys.append(labels.astype(np.int64))
     return np.concatenate(xs), np.concatenate(ys)
@@ -135,7 +137,8 @@ def _class_names(name: str, folder: Path) -> list[str] | None:
     count = _SPECS[name]["num_classes"]
     if names is None:
         return None
-    if not isinstance(names, (list, tuple)) or len(names) != count or not all(isinstance(n, (bytes, str)) for n in names):
+    if (not isinstance(names, (list, tuple)) or len(names) != count
+            or not all(isinstance(n, (bytes, str)) for n in names)):
         raise ValueError(f"{path}: {key!r} must be a list of {count} class names, got {type(names).__name__} "
                          f"{names!r:.100}; restore the file from the {name} archive (or delete it: names are optional)")
     try:

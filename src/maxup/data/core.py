@@ -236,7 +236,8 @@ def finish_splits(
     )
 
 
-def split_off_test(x: np.ndarray, y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def split_off_test(x: np.ndarray, y: np.ndarray,
+                   fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fixed stratified test split (seed ``TEST_SPLIT_SEED``): (x_train, y_train, x_test, y_test)."""
     n_test = int(round(fraction * len(y)))
     if len(y) >= 2:

@@ -11,7 +11,7 @@ needs to know which augmentation made it.
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -36,16 +36,16 @@ class ForwardContext:
     def apply(self, model: nn.Module):
         raise NotImplementedError
 
-    def blank(self, n: int, device=None) -> "ForwardContext":
+    def blank(self, n: int, device=None) -> ForwardContext:
         """A context of the same kind that changes nothing, for ``n`` rows (MaxUp's clean copy)."""
         raise NotImplementedError
 
     @classmethod
-    def stack(cls, contexts: Sequence["ForwardContext"]) -> "ForwardContext":
+    def stack(cls, contexts: Sequence[ForwardContext]) -> ForwardContext:
         """The contexts of blocks of rows forwarded one after the other as one batch."""
         raise NotImplementedError
 
-    def rows(self, index: torch.Tensor) -> "ForwardContext":
+    def rows(self, index: torch.Tensor) -> ForwardContext:
         """The context of the rows ``index`` (a (K,) long tensor) forwarded on their own."""
         raise ValueError(f"{type(self).__name__} couples the rows of its batch: they cannot be forwarded apart")
 

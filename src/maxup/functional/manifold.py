@@ -15,8 +15,8 @@ statistics of BatchNorm, which see all rows, as they do for MaxUp's other copies
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ class HiddenMix(ForwardContext):
     used: tuple[int, ...] | None = None
 
     @classmethod
-    def single(cls, points: Sequence[str], index: int, lam, perm: torch.Tensor) -> "HiddenMix":
+    def single(cls, points: Sequence[str], index: int, lam, perm: torch.Tensor) -> HiddenMix:
         """Every row mixed at ``points[index]`` (-1: none) with ``lam`` (float or (B,)) and partners ``perm``."""
         perm = torch.as_tensor(perm, dtype=torch.long)
         n = perm.shape[0]
@@ -61,12 +61,12 @@ class HiddenMix(ForwardContext):
         return cls(tuple(points), layer, lam, perm, (int(index),) if int(index) >= 0 else ())
 
     @classmethod
-    def identity(cls, points: Sequence[str], n: int, device=None) -> "HiddenMix":
+    def identity(cls, points: Sequence[str], n: int, device=None) -> HiddenMix:
         """A plan that mixes none of ``n`` rows."""
         return cls.single(points, -1, 1.0, torch.arange(n, device=device))
 
     @classmethod
-    def stack(cls, plans: Sequence["HiddenMix"]) -> "HiddenMix":
+    def stack(cls, plans: Sequence[HiddenMix]) -> HiddenMix:
         """The plans of blocks forwarded one after the other as one batch (partners offset into their block)."""
         points = plans[0].points
         if any(p.points != points for p in plans):
@@ -87,7 +87,7 @@ class HiddenMix(ForwardContext):
     def apply(self, model: nn.Module):
         return mix_hidden(model, self)
 
-    def blank(self, n: int, device=None) -> "HiddenMix":
+    def blank(self, n: int, device=None) -> HiddenMix:
         return HiddenMix.identity(self.points, n, device)
 
 

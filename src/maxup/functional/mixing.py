@@ -137,7 +137,8 @@ def sample_boxes(area, height: int, width: int, *, generator=None, device=None) 
     cy = R.randint(height, (n,), generator=generator, device=device)
     cx = R.randint(width, (n,), generator=generator, device=device)
     y0, x0 = cy - h // 2, cx - w // 2
-    return torch.stack([y0.clamp(0, height), x0.clamp(0, width), (y0 + h).clamp(0, height), (x0 + w).clamp(0, width)], 1)
+    return torch.stack([y0.clamp(0, height), x0.clamp(0, width),
+                        (y0 + h).clamp(0, height), (x0 + w).clamp(0, width)], 1)
 
 
 def sample_cutout_boxes(n: int, size: tuple[int, int], height: int, width: int, *, generator=None, device=None):

@@ -98,14 +98,14 @@ class EmbeddingNoise(ForwardContext):
                              "maxup.models.LSTMLanguageModel")
         return _hooked(embedding, self.noise)
 
-    def blank(self, n: int, device=None) -> "EmbeddingNoise":
+    def blank(self, n: int, device=None) -> EmbeddingNoise:
         return EmbeddingNoise(torch.zeros((n, *self.noise.shape[1:]), dtype=self.noise.dtype, device=device))
 
     @classmethod
-    def stack(cls, contexts) -> "EmbeddingNoise":
+    def stack(cls, contexts) -> EmbeddingNoise:
         return cls(torch.cat([c.noise for c in contexts]))
 
-    def rows(self, index: torch.Tensor) -> "EmbeddingNoise":
+    def rows(self, index: torch.Tensor) -> EmbeddingNoise:
         return EmbeddingNoise(self.noise[index.to(self.noise.device)])
 
 

@@ -18,8 +18,8 @@ from torch import nn
 
 from .._checks import check_int
 from .._modules import _compiled, strip_compile_prefix
-from ..data import Loader, TensorData
 from ..averaging import WeightAverage
+from ..data import Loader, TensorData
 from ..functional._random import DeviceGenerator
 from . import distributed as D
 from .checkpoint import (
