@@ -16,12 +16,12 @@ forward-backward passes); the sharpness-sensitivity pass of BG-Mix and DG-Mix an
 Rows:
   erm            Standard(ERM()) -- the denominator
   mixup          Standard(ERM(Mixup)) -- what G-Mix is SAM on
-  sam            maxup.steps.SAM(ERM(), rho=0.05)
+  sam            maxup.steps.SharpnessAware(ERM(), rho=0.05)
   sam_wrapper    a plain user loop around maxup.optim.SAM (first_step / second_step)
-  asam           maxup.steps.SAM(ERM(), adaptive=True, rho=0.5)
-  gmix           maxup.steps.GMix (SAM on the Mixup loss)
-  bgmix          GMix(split="binary")
-  dgmix          GMix(split="decomposed")
+  asam           maxup.steps.SharpnessAware(ERM(), adaptive=True, rho=0.5)
+  sam_mixup      maxup.steps.SAMMixup (G-Mix: SAM on the Mixup loss; the spec term gmix is another method)
+  bgmix          maxup.steps.BGMix
+  dgmix          maxup.steps.DGMix
 """
 from __future__ import annotations
 
@@ -40,9 +40,7 @@ import maxup  # noqa: E402
 from maxup.augment import Mixup  # noqa: E402
 from maxup.models import create_model  # noqa: E402
 from maxup.optim import SAM as SAMOptimizer  # noqa: E402
-from maxup.steps import Standard  # noqa: E402
-from maxup.steps.gmix import GMix  # noqa: E402
-from maxup.steps.sam import SAM  # noqa: E402
+from maxup.steps import BGMix, DGMix, SAMMixup, SharpnessAware, Standard  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -92,12 +90,12 @@ def main(argv=None) -> dict:
     makers = {
         "erm": lambda: case(lambda m: Standard(maxup.ERM(), sgd(m))),
         "mixup": lambda: case(lambda m: Standard(maxup.ERM(Mixup(1.0, per_sample=True, num_classes=10)), sgd(m))),
-        "sam": lambda: case(lambda m: SAM(maxup.ERM(), sgd(m), rho=0.05)),
+        "sam": lambda: case(lambda m: SharpnessAware(maxup.ERM(), sgd(m), rho=0.05)),
         "sam_wrapper": wrapper_case,
-        "asam": lambda: case(lambda m: SAM(maxup.ERM(), sgd(m), rho=0.5, adaptive=True)),
-        "gmix": lambda: case(lambda m: GMix(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10)),
-        "bgmix": lambda: case(lambda m: GMix(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10, split="binary")),
-        "dgmix": lambda: case(lambda m: GMix(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10, split="decomposed")),
+        "asam": lambda: case(lambda m: SharpnessAware(maxup.ERM(), sgd(m), rho=0.5, adaptive=True)),
+        "sam_mixup": lambda: case(lambda m: SAMMixup(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10)),
+        "bgmix": lambda: case(lambda m: BGMix(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10)),
+        "dgmix": lambda: case(lambda m: DGMix(maxup.ERM(), sgd(m), alpha=1.0, num_classes=10)),
     }
     names = list(makers)
     if args.cases:
