@@ -25,11 +25,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import add_clock_option, interleaved, machine, machine_line, median, ratio, table, write_json  # noqa: E402
 
 from maxup import methods as M  # noqa: E402
-from maxup.cli import _methods_arg  # noqa: E402
-from maxup.cli.lm import LM_AUGMENTS  # noqa: E402
+from maxup.cli.options import methods_arg  # noqa: E402
 from maxup.models import LSTMLanguageModel, create_model  # noqa: E402
 
 LM_VOCAB, LM_BATCH, LM_BPTT = 6629, 32, 35
+LM_AUGMENTS = [e.name for e in M.list_methods() if e.cls.domain == "sequence"]
 EXTRA = ["maxup(m=4, temperature=0.5)+cutout", "maxup(m=4)+cutout+smooth",
          "gradaug(width_range=(0.8, 1.0), resolutions=(28, 24, 21))"]
 
@@ -39,7 +39,7 @@ def image_specs() -> list[str]:
     entries = [e for e in M.list_methods() if e.name not in LM_AUGMENTS]
     augments = [e.name for e in entries if e.kind == "augment"]
     steps = [e.name for e in entries if e.kind == "step"]
-    return ["erm"] + augments + [f"maxup(m=4)+{a}" for a in augments if a not in M.DETERMINISTIC] + EXTRA + steps
+    return ["erm"] + augments + [f"maxup(m=4)+{a}" for a in augments if M.REGISTRY[a].cls.random] + EXTRA + steps
 
 
 def lm_specs() -> list[str]:
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 11; 2 with --quick)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--cases", type=_methods_arg, default=None,
+    p.add_argument("--cases", type=methods_arg, default=None,
                    help="comma-separated specs to time, 'lm:' before a language-model one (erm and lm:erm, the "
                         "denominators, are added)")
     p.add_argument("--no-lm", action="store_true", help="skip the language-model rows")

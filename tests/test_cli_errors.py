@@ -4,6 +4,7 @@ import contextlib
 import errno
 import io
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,13 +199,60 @@ def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, argv, mess
     assert message in one_error_line(capsys)
 
 
+def test_a_repeated_model_option_is_refused_naming_the_key(tmp_path, capsys):
+    for command in (["train"], ["lm", "--corpus", str(tmp_path / "no-corpus")], ["compare"]):
+        argv = command + ["--model-opt", "width=3", "--model-opt", "depth=2", "--model-opt", "width=4"]
+        assert main(argv + ["--out", str(tmp_path / "o")]) == 2
+        line = one_error_line(capsys)
+        assert "argument --model-opt" in line and "'width' is given twice" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_suite_seeds_must_be_an_integer_not_a_string(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("methods: [erm]\nseeds: '2'\n")
+    assert main(["compare", "--suite", str(suite), "--out", str(tmp_path / "o"), *TINY]) == 2
+    line = one_error_line(capsys)
+    assert "'seeds' in --suite" in line and "must be an integer, got '2'" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_lm_corpus_never_writes_into_a_folder_of_other_files(tmp_path, capsys, monkeypatch):
+    import maxup.cli.lm as L
+
+    def build(out, min_count=3):  # a stand-in for the KJV builder: writes the three splits
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("train.txt", "valid.txt", "test.txt"):
+            (out / name).write_text("in the beginning\n")
+        return out
+
+    monkeypatch.setattr(L, "build_kjv_corpus", lambda out, min_count=3: build(Path(out), min_count))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    assert main(["lm-corpus", "--out", str(mine)]) == 2
+    line = one_error_line(capsys)
+    assert f"--out {mine} holds other files (notes.txt)" in line and "--force" in line
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["lm-corpus", "--out", str(afile)]) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+    assert main(["lm-corpus", "--out", str(mine), "--force"]) == 0
+    assert (mine / "notes.txt").read_text() == "my notes\n" and (mine / "train.txt").exists()
+    corpus = tmp_path / "corpus"
+    for _ in range(2):  # a new folder, then the corpus lm-corpus wrote there: rebuilt without --force
+        assert main(["lm-corpus", "--out", str(corpus)]) == 0
+    assert sorted(p.name for p in corpus.iterdir()) == ["test.txt", "train.txt", "valid.txt"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
     assert main(["train", "--device", "cuda", "--out", str(tmp_path / "o"), *TINY]) == 2
     assert "CUDA is not available" in one_error_line(capsys)
 
 
-# --------------------------------------------------------------------------- fuzz: exit 0 or one line, never a traceback
+# ---------------------------------------------------------------------- fuzz: exit 0 or one line, never a traceback
 
 TERMS = ["erm", "cutout", "mixup", "cutmix", "gaussian", "maxup", "hmix", "gmix", "resizemix", "cropflip", "smooth",
          "soft_augment", "lumix", "sam", "gradaug", "blur", "manifold_mixup", "embed_noise"]

@@ -3,9 +3,10 @@ import json
 
 import pytest
 
-from maxup.cli import main
-from maxup.cli.run import convergence_note, split_budget, summarize, table, with_budget
 from maxup import methods as M
+from maxup.cli import main
+from maxup.cli.comparison import split_budget, with_budget
+from maxup.cli.report import convergence_note, summarize, table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +77,7 @@ def test_compare_gives_a_method_its_own_epochs_and_records_convergence(tmp_path,
     assert "not converged" in (out / "results.md").read_text()  # one epoch on 200 digits does not fit them
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_runs_as_one_process(tmp_path):
     argv = ["compare", "--methods", "erm,mixup", "--epochs", "1", "--seeds", "2", *TINY]
     assert main(argv + ["--out", str(tmp_path / "one")]) == 0

@@ -6,9 +6,9 @@ end in the same state bit for bit; then the second run's last checkpoint is remo
 resumes from its first, and must again end in the same state and history (a complete checkpoint).
 
 Image and feature terms run on the bundled digits (8x8, 32 training samples, a small CNN). The
-token perturbations (``maxup.cli.lm.LM_AUGMENTS``: they only apply to token ids) run on a tiny token
-corpus with the LSTM language model instead; the test checks that this list is exactly the
-registry's token terms, so a new term cannot slip past.
+token perturbations (``LM_AUGMENTS``: the terms of the "sequence" domain, they only apply to token
+ids) run on a tiny token corpus with the LSTM language model instead; the test checks that this list
+is exactly the registry's token terms, so a new term cannot slip past.
 """
 import math
 
@@ -17,12 +17,13 @@ import torch
 
 import maxup
 from maxup import methods as M
-from maxup.cli.lm import LM_AUGMENTS
 from maxup.data import TensorData, load_dataset
 from maxup.models import LSTMLanguageModel, SmallCNN
 from maxup.train import TIMING_KEYS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+LM_AUGMENTS = [e.name for e in M.list_methods() if e.cls.domain == "sequence"]
 
 #: how a term is run when it is not an augmentation run under MaxUp (objectives need something to draw from)
 SPECS = {"maxup": "maxup(m=2, warmup_steps=1)+cutout", "gradaug": "gradaug(n_subnets=2)"}
@@ -43,7 +44,7 @@ COMPOSITIONS = [
 def spec_for(entry: M.Entry) -> str:
     if entry.name in SPECS:
         return SPECS[entry.name]
-    if entry.kind == "augment" and entry.name not in M.DETERMINISTIC:
+    if entry.kind == "augment" and entry.cls.random:
         return f"maxup(m=2)+{entry.name}"
     return entry.name
 

@@ -24,7 +24,8 @@ from ..data import load_dataset
 from ..models import create_model
 from ..train.checkpoint import atomic_write_text, list_checkpoints
 from ..train.distributed import resolve_device
-from .run import COUNT, POSITIVE, POSITIVE_INT, add_force_option, check_out, read_yaml
+from .files import check_out, read_yaml
+from .options import COUNT, POSITIVE, POSITIVE_INT, add_force_option, slug
 
 RADIUS_STEP = 0.25
 POINTS_DIR = "points"
@@ -32,7 +33,7 @@ POINTS_DIR = "points"
 
 def _radii_arg(text: str) -> list[float]:
     try:
-        radii = [float(v) for v in text.split(",") if v.strip()]
+        radii = [float(v) for v in M.split_outside(text, ",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated radii such as 0,0.25,0.5, got {text!r}") from None
     if not radii or any(r < 0 for r in radii):
@@ -51,7 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="noise level in the model's input units (default: the sigma of each run's gaussian term)")
     p.add_argument("--n", type=POSITIVE_INT, default=10_000, help="noise samples that bound p_A (default: 10000)")
     p.add_argument("--n0", type=POSITIVE_INT, default=100, help="noise samples that pick the class (default: 100)")
-    p.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate (default: 0.001)")
+    p.add_argument("--alpha", type=float, default=0.001,
+                   help="failure probability of each certificate (default: 0.001)")
     p.add_argument("--limit", type=POSITIVE_INT, default=500, help="certify the first N test images (default: 500)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=1000,
                    help="noisy copies per forward pass; results do not depend on it (default: 1000)")
@@ -66,6 +68,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_force_option(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when attached to a terminal)")
+    p.set_defaults(func=certify)
     return p
 
 
@@ -86,7 +89,8 @@ def read_run(run: Path) -> dict:
         raise ValueError(f"run directory {run} does not exist")
     config_path, model_path = run / "config.yaml", run / "model.pt"
     if not config_path.is_file():
-        raise ValueError(f"{run} is not a run directory: it has no config.yaml (write one with maxup train --out {run})")
+        raise ValueError(f"{run} is not a run directory: it has no config.yaml (write one with maxup train "
+                         f"--out {run})")
     config = read_yaml(config_path, str(config_path)) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} must be a YAML mapping as maxup train writes it, got {type(config).__name__}")
@@ -126,11 +130,6 @@ def input_space(splits) -> tuple[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ point logs
-
-
-def _slug(text: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "=.-" else "_" for c in text)
-    return "_".join(filter(None, keep.split("_"))) or "run"
 
 
 def read_points(path: Path, header: dict) -> list[dict]:
@@ -186,7 +185,8 @@ def csv_text(rows: list[dict], radii: list[float]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(keys + [f"certified_accuracy@{r:g}" for r in radii] + ["abstain", "seconds_per_example"])
     for row in rows:
-        writer.writerow([row[k] for k in keys] + row["certified_accuracy"] + [row["abstain"], row["seconds_per_example"]])
+        writer.writerow([row[k] for k in keys] + row["certified_accuracy"]
+                        + [row["abstain"], row["seconds_per_example"]])
     return buf.getvalue()
 
 
@@ -242,7 +242,7 @@ def certify(args) -> list[dict]:
                              "pass --sigma")
         sigmas.append(sigma)
     out = Path(args.out)
-    names = [_slug(str(r)) for r in runs]
+    names = [slug(str(r), keep="=.-") for r in runs]
     logs = [out / POINTS_DIR / f"{name}.jsonl" for name in names]
     check_out(out, resume=args.resume, force=args.force, what="certification results",
               holds=lambda o: (o / "certify.json").is_file() or (o / POINTS_DIR).is_dir())
