@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LM_AUGMENTS = [e.name for e in M.list_methods() if e.cls.domain == "sequence"]
 
 #: how a term is run when it is not an augmentation run under MaxUp (objectives need something to draw from)
-SPECS = {"maxup": "maxup(m=2, warmup_steps=1)+cutout", "gradaug": "gradaug(n_subnets=2)"}
+SPECS = {"maxup": "maxup(m=2, warmup_steps=1)+cutout", "gradaug": "gradaug(n_subnets=2)",
+         "adv": "adv(bounds=None, steps=2)"}  # standardised digits lie outside [0, 1]
 #: compositions the methods promise (MaxUp, SAM and GradAug around the mixing family)
 COMPOSITIONS = [
     "sam+maxup(m=2)+manifold_mixup",

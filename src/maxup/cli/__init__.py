@@ -1,8 +1,9 @@
-"""The ``maxup`` command: ``train``, ``compare``, ``certify``, ``lm``, ``lm-corpus`` and ``methods``.
+"""The ``maxup`` command: ``train``, ``compare``, ``certify``, ``robust``, ``lm``, ``lm-corpus`` and ``methods``.
 
     maxup compare                                   # the main job: six methods on digits, three seeds
     maxup train --dataset fashion-mnist --model resnet --method "maxup(m=4)+cutout" --epochs 10 --out runs/a
     maxup certify runs/a runs/b --limit 500         # certified accuracy by randomized smoothing
+    maxup robust runs/a runs/b --eps 0.05,0.1       # robust accuracy under a PGD attack
     maxup lm --corpus kjv --method "maxup(m=4)+embed_noise(sigma=0.1)" --out runs/lm   # language modelling
     maxup compare --task lm --corpus kjv --methods "erm,maxup(m=4)+word_dropout(p=0.1)"
     maxup methods                                   # every method term and its options
@@ -19,7 +20,7 @@ import warnings
 
 from ..train import CheckpointError, NonFiniteLossError
 from ..train.checkpoint import describe_os_error
-from . import catalog, certify, comparison, lm, run
+from . import catalog, certify, comparison, lm, robust, run
 from .catalog import method_line  # noqa: F401  (maxup.cli.method_line: one line of `maxup methods`)
 from .options import methods_arg as _methods_arg  # noqa: F401  (the --methods splitter, used by tests)
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(sub)
     comparison.add_parser(sub)
     certify.add_parser(sub)
+    robust.add_parser(sub)
     lm.add_parsers(sub)
     catalog.add_parser(sub)
     return parser
