@@ -62,12 +62,17 @@ def section(name: str, comparisons: dict[str, dict]) -> str:
                              f"{cell(r, 'best_val_epoch', 1.0, 1)} | {cell(r, 'test_perplexity_at_best_val', 1.0)} | "
                              f"{r['time_ratio']:.2f}x |")
         else:
-            lines += ["| method | seeds | test accuracy (%) | vs erm (points) | clean train accuracy (%) | "
-                      "time/epoch vs erm | train time (s) |", "|---|---|---|---|---|---|---|"]
-            for r in ([base] if base not in mine else []) + mine:
+            shown = ([base] if base not in mine else []) + mine
+            averages = [k for k in ("ema_test_accuracy", "swa_test_accuracy") if any(k in r for r in shown)]
+            heads = "".join(f" {k[:3].upper()} test accuracy (%) |" for k in averages)
+            lines += ["| method | seeds | test accuracy (%) | vs erm (points) |" + heads
+                      + " clean train accuracy (%) | time/epoch vs erm | train time (s) |",
+                      "|---|---|---|---|" + "---|" * len(averages) + "---|---|---|"]
+            for r in shown:
                 diff = 100 * (r["test_accuracy"] - base["test_accuracy"])
                 lines.append(f"| {r['method']} | {r['seeds']} | {cell(r, 'test_accuracy')} | {diff:+.2f} | "
-                             f"{cell(r, 'clean_train_accuracy')} | {r['time_ratio']:.2f}x | "
+                             + "".join(f"{cell(r, k)} | " for k in averages)
+                             + f"{cell(r, 'clean_train_accuracy')} | {r['time_ratio']:.2f}x | "
                              f"{r['train_time_total']:.0f} |")
         lines.append("")
     if not found:
