@@ -30,10 +30,15 @@ class TensorData:
     ``x`` is float32 of shape (N, C, H, W) images, (N, C, L) signals or (N, D)
     features; ``y`` is int64 of shape (N,). For language modelling (:mod:`maxup.data.text`)
     ``x`` holds int64 token ids (N, T) and ``y`` the next-token ids (N, T).
+
+    ``clean_y`` (optional, (N,) int64) holds the true labels of a split whose ``y`` carries label
+    noise (:mod:`maxup.data.noise`): training reads ``y`` only; ``clean_y`` serves the
+    memorisation metrics and :attr:`flipped`.
     """
 
     x: torch.Tensor
     y: torch.Tensor
+    clean_y: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor) or not isinstance(self.y, torch.Tensor):
@@ -45,12 +50,24 @@ class TensorData:
             raise ValueError(f"TensorData: x must have shape (N, ...) with at least 2 dims, got {tuple(self.x.shape)}")
         if self.x.shape[0] != self.y.shape[0]:
             raise ValueError(f"TensorData: x has {self.x.shape[0]} samples but y has {self.y.shape[0]} labels")
+        if self.clean_y is not None:
+            if not isinstance(self.clean_y, torch.Tensor) or self.clean_y.shape != self.y.shape or \
+                    self.y.ndim != 1 or self.clean_y.dtype != self.y.dtype:
+                raise ValueError("TensorData: clean_y (the true labels beside noisy y) must be a tensor of y's shape "
+                                 f"(N,) and dtype {self.y.dtype}, got "
+                                 f"{getattr(self.clean_y, 'shape', type(self.clean_y).__name__)}")
+
+    @property
+    def flipped(self) -> torch.Tensor | None:
+        """Boolean mask (N,) of the samples whose label ``y`` differs from ``clean_y`` (None without ``clean_y``)."""
+        return None if self.clean_y is None else self.y != self.clean_y
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
     def __repr__(self) -> str:
-        return f"TensorData(x={tuple(self.x.shape)} {self.x.dtype}, y={tuple(self.y.shape)} {self.y.dtype})"
+        noisy = "" if self.clean_y is None else f", clean_y ({int(self.flipped.sum())} labels flipped)"
+        return f"TensorData(x={tuple(self.x.shape)} {self.x.dtype}, y={tuple(self.y.shape)} {self.y.dtype}{noisy})"
 
 
 @dataclass(eq=False)
@@ -129,7 +146,7 @@ def stratified_split(y: np.ndarray | torch.Tensor, n_take: int, seed: int) -> tu
 
 def _take(data: TensorData, idx: np.ndarray) -> TensorData:
     index = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
-    return TensorData(data.x[index], data.y[index])
+    return TensorData(data.x[index], data.y[index], None if data.clean_y is None else data.clean_y[index])
 
 
 def _val_count(val_size: float | int, n: int) -> int:
@@ -163,7 +180,7 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _apply_norm(data: TensorData, mean: torch.Tensor, std: torch.Tensor) -> TensorData:
     shape = (1, -1) + (1,) * (data.x.ndim - 2)
-    return TensorData((data.x - mean.view(shape)) / std.view(shape), data.y)
+    return TensorData((data.x - mean.view(shape)) / std.view(shape), data.y, data.clean_y)
 
 
 def finish_splits(
@@ -178,21 +195,55 @@ def finish_splits(
     test_size: int | None = None,
     normalize: bool = True,
     seed: int = 0,
+    label_noise: float = 0.0,
+    noise_type: str | None = None,
+    noise_map=None,
+    noisy_labels=None,
+    imbalance: float | None = None,
 ) -> DataSplits:
     """Apply the shared options, in this order, and build the :class:`DataSplits`.
 
+    0. ``noisy_labels``: a file of the user's noisy labels for the whole training data
+       (:func:`maxup.data.noise.read_label_file`); the true labels stay as ``clean_y``;
     1. ``train_size=N``: stratified subset of N samples of the training data
        (the whole labelled budget of a low-data run);
     2. ``val_size``: stratified validation split carved out of that training data
-       (fraction in (0, 1) or integer count), so train + val = N;
-    3. ``test_size``: keep the first N test samples;
-    4. ``normalize``: standardise every split with the training split's
+       (fraction in (0, 1) or integer count), so train + val = N; it keeps the true labels;
+    3. ``imbalance=RATIO``: a long-tailed subset of the training split
+       (:func:`maxup.data.longtail.long_tail_indices`; validation and test stay balanced);
+    4. ``label_noise=RATE``: noisy labels for the training split only
+       (:mod:`maxup.data.noise`: ``noise_type`` symmetric, asymmetric -- with ``noise_map`` or the
+       dataset's preset -- or pairflip), the true labels kept as ``clean_y``;
+    5. ``test_size``: keep the first N test samples;
+    6. ``normalize``: standardise every split with the training split's
        per-channel statistics.
-    Steps 1 and 2 are deterministic functions of ``seed``.
+    Steps 1 to 4 are deterministic functions of ``seed``; the splits and subsets use the true labels,
+    so a noisy run trains on the same samples as a clean one.
     """
+    from .longtail import check_imbalance, long_tail_indices
+    from .noise import (
+        add_label_noise,
+        check_noise_options,
+        parse_noise_map,
+        preset_map,
+        read_label_file,
+        with_noisy_labels,
+    )
+
+    rate, noise_kind = check_noise_options(label_noise, noise_type, noise_map, noisy_labels)
+    mapping = None
+    if rate > 0 and noise_kind == "asymmetric":
+        mapping = preset_map(name) if noise_map is None else \
+            parse_noise_map(noise_map, num_classes, name="noise_map (--noise-map)")
+    if imbalance is not None:
+        check_imbalance(imbalance, "imbalance (--imbalance)")
     n = len(train)
     if n == 0:
         raise ValueError(f"{name}: the training split is empty")
+    if noisy_labels is not None:
+        labels = read_label_file(noisy_labels, num_samples=n, num_classes=num_classes,
+                                 name="noisy_labels (--noisy-labels)")
+        train = with_noisy_labels(train, labels)
     if train_size is not None:
         if isinstance(train_size, bool) or not isinstance(train_size, numbers.Integral):
             raise ValueError(f"train_size must be an int or None, got {train_size!r}")
@@ -205,14 +256,23 @@ def finish_splits(
                 "a stratified subset needs at least one sample per class"
             )
         if train_size < n:
-            taken, _ = stratified_split(train.y, train_size, seed)
+            taken, _ = stratified_split(_true_labels(train), train_size, seed)
             train = _take(train, taken)
     n_val = _val_count(val_size, len(train))
     val = None
     if n_val > 0:
         # A different stream from the train_size draw, still a function of seed.
-        val_idx, train_idx = stratified_split(train.y, n_val, seed + 1_000_003)
+        val_idx, train_idx = stratified_split(_true_labels(train), n_val, seed + 1_000_003)
         train, val = _take(train, train_idx), _take(train, val_idx)
+        if val.clean_y is not None:  # the noise is the training split's only
+            val = TensorData(val.x, val.clean_y)
+    if imbalance is not None:
+        keep = long_tail_indices(_true_labels(train), imbalance, num_classes, generator=_stream(seed, 1),
+                                 name="imbalance (--imbalance)")
+        train = _take(train, keep.numpy())
+    if rate > 0:
+        train = add_label_noise(train, rate, num_classes=num_classes, noise_type=noise_kind, mapping=mapping,
+                                generator=_stream(seed, 2))
     if test_size is not None:
         if isinstance(test_size, bool) or not isinstance(test_size, numbers.Integral) or test_size < 1:
             raise ValueError(f"test_size must be a positive int or None, got {test_size!r}")
@@ -234,6 +294,17 @@ def finish_splits(
         std=std,
         classes=list(classes) if classes is not None else None,
     )
+
+
+def _true_labels(data: TensorData) -> torch.Tensor:
+    return data.y if data.clean_y is None else data.clean_y
+
+
+def _stream(seed: int, stream: int) -> torch.Generator:
+    """A torch generator for one of the data layer's random draws (1: imbalance, 2: label noise): a well-mixed
+    function of ``(seed, stream)``, independent of the numpy streams of the splits."""
+    state = np.random.SeedSequence([int(seed), 0xDA7A, int(stream)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) >> 1)
 
 
 def split_off_test(x: np.ndarray, y: np.ndarray,
@@ -282,6 +353,11 @@ def from_tensors(
     normalize: bool = False,
     seed: int = 0,
     name: str = "tensors",
+    label_noise: float = 0.0,
+    noise_type: str | None = None,
+    noise_map=None,
+    noisy_labels=None,
+    imbalance: float | None = None,
 ) -> DataSplits:
     """Wrap in-memory arrays (torch tensors or numpy arrays) as :class:`DataSplits`.
 
@@ -289,7 +365,8 @@ def from_tensors(
     to float32 as is (no rescaling). Labels must be integers in
     ``0..num_classes-1``; ``num_classes`` defaults to the largest label + 1.
     Without ``x_test`` a fixed stratified 20% test split is carved out of the
-    training data (the same for every ``seed``).
+    training data (the same for every ``seed``). ``label_noise``, ``noise_type``, ``noise_map``,
+    ``noisy_labels`` and ``imbalance`` act on the training split as in :func:`finish_splits`.
 
     >>> import numpy as np
     >>> d = from_tensors(np.random.rand(50, 4), np.arange(50) % 2)
@@ -329,4 +406,9 @@ def from_tensors(
         train_size=train_size,
         normalize=normalize,
         seed=seed,
+        label_noise=label_noise,
+        noise_type=noise_type,
+        noise_map=noise_map,
+        noisy_labels=noisy_labels,
+        imbalance=imbalance,
     )

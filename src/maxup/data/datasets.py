@@ -11,6 +11,8 @@ from .cifar import load_cifar_arrays
 from .core import DataSplits, TensorData, finish_splits, split_off_test
 from .folder import load_folder_arrays
 from .idx import load_idx_arrays
+from .longtail import check_imbalance
+from .noise import check_noise_options
 
 __all__ = ["list_datasets", "load_dataset"]
 
@@ -83,6 +85,11 @@ def load_dataset(
     test_size: int | None = None,
     normalize: bool = True,
     seed: int = 0,
+    label_noise: float = 0.0,
+    noise_type: str | None = None,
+    noise_map=None,
+    noisy_labels=None,
+    imbalance: float | None = None,
 ) -> DataSplits:
     """Load a named dataset into memory as float32 tensors.
 
@@ -97,6 +104,14 @@ def load_dataset(
     per channel) apply, in that order. Subsets are deterministic in ``seed``;
     test sets never depend on it.
 
+    Noisy labels and long tails (training split only; see :func:`maxup.data.core.finish_splits`
+    for the order): ``label_noise=RATE`` with ``noise_type`` ``"symmetric"`` (default),
+    ``"asymmetric"`` (``noise_map`` such as ``"9:1,2:0"``, or the dataset's preset in
+    :data:`maxup.data.noise.NOISE_PRESETS`) or ``"pairflip"``; ``noisy_labels=FILE`` (one
+    integer per line, or a .npy, one label per training sample as loaded); ``imbalance=RATIO``
+    (exponential long-tailed profile, :mod:`maxup.data.longtail`). The training split then keeps
+    its true labels as ``train.clean_y``.
+
     >>> d = load_dataset("digits", train_size=100, val_size=0.2)
     >>> len(d.train), len(d.val), d.input_shape
     (80, 20, (1, 8, 8))
@@ -105,6 +120,9 @@ def load_dataset(
     key = _ALIASES.get(key, key)
     if key not in _NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(_NAMES)}")
+    check_noise_options(label_noise, noise_type, noise_map, noisy_labels)  # fail before reading the files
+    if imbalance is not None:
+        check_imbalance(imbalance, "imbalance (--imbalance)")
     if key == "digits":
         loaded = _digits()
     elif key in ("fashion-mnist", "mnist"):
@@ -125,4 +143,9 @@ def load_dataset(
         test_size=test_size,
         normalize=normalize,
         seed=seed,
+        label_noise=label_noise,
+        noise_type=noise_type,
+        noise_map=noise_map,
+        noisy_labels=noisy_labels,
+        imbalance=imbalance,
     )

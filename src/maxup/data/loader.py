@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import numbers
 
+import numpy as np
 import torch
 
 from .core import TensorData
+from .sampling import sample_probabilities, sampler_exponent
 
 __all__ = ["Loader"]
 
@@ -29,6 +32,14 @@ class Loader:
     gathered on the device. ``memory_format`` (e.g. ``torch.channels_last``) lays out
     4-D batches that way.
 
+    ``sampler`` (:mod:`maxup.data.sampling`): ``"instance"`` (the default: a permutation,
+    every sample once per epoch), ``"class"`` (each class equally likely), ``"sqrt"``,
+    ``"reversed"`` (class probability inversely proportional to the class size) or an
+    exponent ``q`` (class probability proportional to ``n_c ** q``). The weighted samplers
+    draw ``len(data)`` samples per epoch with replacement, seeded by ``(seed, epoch)`` and
+    sharded across ranks exactly as the shuffle. :meth:`paired` iterates a second,
+    differently sampled batch beside each batch (CMO, bilateral mixup).
+
     >>> import torch
     >>> data = TensorData(torch.randn(10, 3), torch.arange(10) % 2)
     >>> loader = Loader(data, batch_size=4, seed=0)
@@ -48,6 +59,7 @@ class Loader:
         world_size: int = 1,
         device: torch.device | str | None = None,
         memory_format: torch.memory_format | None = None,
+        sampler: str | float = "instance",
     ) -> None:
         for arg, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
@@ -68,6 +80,21 @@ class Loader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
+        self._set_sampler(sampler)
+
+    def _set_sampler(self, sampler) -> None:
+        sampler_exponent(sampler, "Loader: sampler")  # a clear error for a bad name
+        self.sampler = sampler
+        self._probs = None
+        if sampler == "instance":
+            return
+        if not self.shuffle:
+            raise ValueError(f"Loader: sampler={sampler!r} draws samples at random; shuffle=False (the data order) "
+                             "goes with sampler='instance' only")
+        if self.y.ndim != 1:
+            raise ValueError(f"Loader: sampler={sampler!r} needs class labels y of shape (N,), not token sequences "
+                             f"{tuple(self.y.shape)}")
+        self._probs = sample_probabilities(self.y.cpu(), sampler)  # drawn on the CPU: the same on every device
 
     @property
     def num_samples(self) -> int:
@@ -82,7 +109,10 @@ class Loader:
     def indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for ``epoch``, in iteration order (before batching)."""
         n = int(self.y.shape[0])
-        if self.shuffle:
+        if self._probs is not None:
+            g = torch.Generator().manual_seed(self.seed + int(epoch))
+            order = torch.multinomial(self._probs, n, replacement=True, generator=g)
+        elif self.shuffle:
             g = torch.Generator().manual_seed(self.seed + int(epoch))
             order = torch.randperm(n, generator=g)
         else:
@@ -91,6 +121,31 @@ class Loader:
         if total > n:  # wrap around, like DistributedSampler
             order = torch.cat([order, order.repeat(-(-(total - n) // n))[: total - n]])
         return order[self.rank : total : self.world_size]
+
+    def resampled(self, sampler, *, seed: int | None = None) -> Loader:
+        """A loader over the same tensors (no copy) with another ``sampler``, in step with this one: the same batch
+        size, length, rank, world size and epoch, and its own random stream (``seed``; by default a function
+        of this loader's seed, so a run's second batches are reproducible)."""
+        other = copy.copy(self)
+        other.shuffle = True
+        other.seed = int(np.random.SeedSequence([self.seed, 0x5A3]).generate_state(1)[0]) if seed is None \
+            else int(seed)
+        other._set_sampler(sampler)
+        return other
+
+    def paired(self, sampler="reversed", *, seed: int | None = None):
+        """Iterate this epoch's batches each beside a batch of the same size drawn by ``sampler``:
+        ``for (x, y), (x2, y2) in loader.paired("reversed"): ...``. Advances the epoch like ``iter()``; under
+        DDP each rank takes its shard of both orders. See :meth:`resampled`.
+
+        >>> data = TensorData(torch.randn(100, 3), torch.tensor([0] * 90 + [1] * 10))
+        >>> (x, y), (x2, y2) = next(iter(Loader(data, batch_size=32, seed=0).paired("reversed")))
+        >>> tuple(x2.shape), int((y2 == 1).sum()) > int((y == 1).sum())
+        ((32, 3), True)
+        """
+        other = self.resampled(sampler, seed=seed)
+        other.epoch = self.epoch
+        return zip(iter(self), iter(other))
 
     def __len__(self) -> int:
         m = self.num_samples

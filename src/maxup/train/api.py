@@ -8,6 +8,7 @@ from torch import nn
 from .. import methods
 from ..data import DataSplits, TensorData
 from . import distributed as D
+from .label_metrics import noise_record
 from .optimizers import make_optimizer, make_scheduler
 from .trainer import Trainer
 
@@ -46,7 +47,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         warmup_epochs: float = 0.0, seed: int = 0, device=None, out_dir=None, amp: str | None = None,
         max_grad_norm: float | None = None, num_classes: int | None = None, progress: bool | None = None,
         resume: bool = False, config: dict | None = None, compile: bool | str = False, channels_last: bool = False,
-        tf32: bool = True) -> list[dict]:
+        tf32: bool = True, log_tensorboard: bool = False, on_epoch=None, sampler="instance",
+        class_metrics: bool = False) -> list[dict]:
     """Train ``model`` with a method spec and return the metrics history (one dict per epoch).
 
     Builds the optimizer (:func:`make_optimizer`), a per-step cosine schedule with linear
@@ -55,8 +57,18 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     numpy arrays of any sample shape (images (N, C, H, W), signals (N, C, L), features
     (N, D)) or :class:`maxup.data.TensorData`. ``num_classes`` defaults to the largest
     label + 1. ``config`` adds entries to the ``config.yaml`` of the run (the CLI records the
-    dataset there). See :class:`Trainer` for ``out_dir``, ``resume``, the history keys and the speed
-    settings ``compile`` (``torch.compile`` the model), ``channels_last`` and ``tf32`` (CUDA only).
+    dataset there). See :class:`Trainer` for ``out_dir``, ``resume``, the history keys, the speed
+    settings ``compile`` (``torch.compile`` the model), ``channels_last`` and ``tf32`` (CUDA only),
+    ``log_tensorboard`` (TensorBoard scalars in ``out_dir/tensorboard``) and ``on_epoch`` (a function
+    called with each epoch's record, e.g. to report it to a hyper-parameter search).
+
+    Noisy labels and long tails: pass a training split with noisy labels and its true ones
+    (``maxup.data.load_dataset(..., label_noise=0.2).train``, or :func:`maxup.data.add_label_noise`)
+    and the history holds the memorisation metrics ``noisy_memorised`` and ``noisy_true_accuracy``;
+    ``class_metrics=True`` adds per-class and many/medium/few-shot accuracy; ``sampler`` sets the
+    training order (``"instance"``, ``"class"``, ``"sqrt"``, ``"reversed"``; :mod:`maxup.data.sampling`).
+    The sampler and the number of flipped labels are recorded in ``config`` (a resume that changes
+    them is refused).
 
     >>> history = maxup.fit(model, "maxup(m=4)+cutmix", train=(x, y), test=(x_test, y_test), epochs=30)
     >>> len(history)                                  # one record per epoch
@@ -96,11 +108,15 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         "amp": amp,
         "max_grad_norm": max_grad_norm,
         "num_classes": num_classes,
+        **({"sampler": sampler} if sampler != "instance" else {}),
+        **({"noisy_train_labels": noise_record(train_d)} if train_d.clean_y is not None else {}),
         **(config or {}),
     }
     trainer = Trainer(model, step, train_d, test=test_d, val=val_d, epochs=epochs, batch_size=batch_size, seed=seed,
                       device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes,
-                      compile=compile, channels_last=channels_last, tf32=tf32, average=spec.build_average(module))
+                      compile=compile, channels_last=channels_last, tf32=tf32, average=spec.build_average(module),
+                      log_tensorboard=log_tensorboard, on_epoch=on_epoch, sampler=sampler,
+                      class_metrics=class_metrics)
     try:
         trainer.scheduler = make_scheduler(opt, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
                                            warmup_epochs=warmup_epochs)

@@ -58,7 +58,8 @@ def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, num_b
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, device=None, num_classes: int) -> dict:
+def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, device=None, num_classes: int,
+             per_class: bool = False) -> dict:
     """Accuracy, mean cross-entropy and ECE (15 equal-width bins) of ``model`` on ``data``.
 
     For token sequences (``data.y`` of shape (N, T), logits (B, T, num_classes)) every token
@@ -72,7 +73,10 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
     ``rank, rank + W, ...`` and the sums are all-reduced, so every rank returns the
     metrics of the whole set.
 
-    Returns ``{"accuracy": float, "loss": float, "ece": float}``, plus ``"perplexity"`` for sequences.
+    Returns ``{"accuracy": float, "loss": float, "ece": float}``, plus ``"perplexity"`` for sequences,
+    and with ``per_class`` the lists ``"class_correct"`` and ``"class_total"`` (correct predictions and
+    samples of each true class; :func:`maxup.data.shot_accuracy` turns them into per-class and
+    many/medium/few-shot accuracy).
     """
     if not isinstance(data, TensorData):
         raise ValueError(f"data must be a maxup.data.TensorData, got {type(data).__name__}")
@@ -90,6 +94,7 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
         x, y = x[D.get_rank()::D.get_world_size()], y[D.get_rank()::D.get_world_size()]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     counts = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)
+    by_class = torch.zeros(2, num_classes if per_class else 0, dtype=torch.float64, device=device)
     was_training = module.training
     module.eval()
     try:
@@ -108,17 +113,23 @@ def evaluate(model: nn.Module, data: TensorData, *, batch_size: int = 512, devic
             totals[1] += (logits.argmax(-1) == yb).sum()
             totals[2] += yb.shape[0]
             counts += calibration_counts(logits, yb)
+            if per_class:
+                by_class[0].index_add_(0, yb, (logits.argmax(-1) == yb).double())
+                by_class[1].index_add_(0, yb, torch.ones_like(yb, dtype=torch.float64))
     finally:
         module.train(was_training)
-    reduced = D.all_reduce_sum(torch.cat([totals, counts.flatten()]))
+    reduced = D.all_reduce_sum(torch.cat([totals, counts.flatten(), by_class.flatten()]))
     loss_sum, correct, n = (float(v) for v in reduced[:3].tolist())
-    counts = reduced[3:].view(3, ECE_BINS)
+    counts = reduced[3:3 + 3 * ECE_BINS].view(3, ECE_BINS)
     if n == 0:
         out = {"accuracy": float("nan"), "loss": float("nan"), "ece": float("nan")}
     else:
         out = {"accuracy": correct / n, "loss": loss_sum / n, "ece": ece_from_counts(counts)}
     if sequence:
         out["perplexity"] = perplexity(out["loss"])
+    if per_class:
+        correct_c, total_c = reduced[3 + 3 * ECE_BINS:].view(2, num_classes).tolist()
+        out["class_correct"], out["class_total"] = [int(v) for v in correct_c], [int(v) for v in total_c]
     return out
 
 

@@ -20,6 +20,8 @@ from .._checks import check_int
 from .._modules import _compiled, strip_compile_prefix
 from ..averaging import WeightAverage
 from ..data import Loader, TensorData
+from ..data.longtail import class_counts, shot_thresholds
+from ..data.sampling import sampler_exponent
 from ..functional._random import DeviceGenerator
 from . import distributed as D
 from .checkpoint import (
@@ -37,6 +39,7 @@ from .checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from .label_metrics import class_metrics, memorisation
 from .logs import RunFiles, plain
 from .metrics import evaluate
 from .speed import compile_model, configure_backends
@@ -112,6 +115,14 @@ class Trainer:
     whether the model fits its data) and the timings
     ``train_time``, ``time`` and ``samples_per_s``.
 
+    Noisy labels and long tails: when ``train`` carries its true labels (``train.clean_y``, see
+    :mod:`maxup.data.noise`) every record holds ``noisy_memorised`` and ``noisy_true_accuracy``
+    (:func:`maxup.train.label_metrics.memorisation`, on the flipped training samples). With
+    ``class_metrics`` the val/test records add ``*_class_accuracy`` (a list by class) and
+    ``*_many_accuracy``, ``*_medium_accuracy``, ``*_few_accuracy`` (thresholds
+    :func:`maxup.data.shot_thresholds` of the largest training class, by the true labels), and the
+    last record ``train_class_counts``. ``sampler`` is the :class:`~maxup.data.Loader`'s.
+
     With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
     ``config.yaml``, ``checkpoints/epoch-NNNN.pt`` (the last ``keep_checkpoints``, every
     ``checkpoint_every`` epochs and after the last one, written atomically) and
@@ -140,6 +151,12 @@ class Trainer:
         tf32: on CUDA, allow TF32 in fp32 matrix multiplies and convolutions (and set cudnn.benchmark).
         average: a weight average (:class:`maxup.averaging.EMA` or :class:`~maxup.averaging.SWA`) kept beside
             the model, evaluated every epoch (``ema_test_accuracy``, ...) and saved in the checkpoints.
+        sampler: the training order: ``"instance"`` (default), ``"class"``, ``"sqrt"``, ``"reversed"`` or an
+            exponent (:mod:`maxup.data.sampling`).
+        class_metrics: per-class and many/medium/few-shot accuracy on val and test (long-tailed training data).
+        on_epoch: called on every process with each epoch's history record, after it is logged and
+            checkpointed. It observes; an exception it raises stops :meth:`fit` (the files are closed and the
+            checkpoints kept): ``maxup tune`` raises ``optuna.TrialPruned`` there to stop a weak trial early.
 
     Raises (from :meth:`fit`):
         NonFiniteLossError: a NaN or infinite loss; the last good checkpoint is kept.
@@ -151,7 +168,8 @@ class Trainer:
                  device=None, out_dir=None, keep_checkpoints: int = 2, checkpoint_every: int = 1,
                  config: dict | None = None, progress: bool | None = None, num_classes: int,
                  log_tensorboard: bool = False, check_every: int = 50, compile: bool | str = False,
-                 channels_last: bool = False, tf32: bool = True, average=None):
+                 channels_last: bool = False, tf32: bool = True, average=None, on_epoch=None, sampler="instance",
+                 class_metrics: bool = False):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = getattr(step, "optimizer", None)
@@ -179,12 +197,30 @@ class Trainer:
         for name, data in (("train", train), ("val", val), ("test", test)):
             if data is not None and int(data.y.max()) >= self.num_classes:
                 raise ValueError(f"{name} holds label {int(data.y.max())}, out of range for num_classes={num_classes}")
+        if train.clean_y is not None and int(train.clean_y.max()) >= self.num_classes:
+            raise ValueError(f"train.clean_y holds label {int(train.clean_y.max())}, out of range for "
+                             f"num_classes={num_classes}")
+        sampler_exponent(sampler)
+        if not isinstance(class_metrics, bool):
+            raise ValueError(f"class_metrics must be True or False, got {class_metrics!r}")
+        if class_metrics and train.y.ndim != 1:
+            raise ValueError("class_metrics=True needs class labels (N,), not token sequences")
+        self.sampler = sampler
+        self.class_metrics = class_metrics
+        # the flipped samples (indices into train), for the memorisation metrics; None without label noise
+        self.noisy_index = None if train.clean_y is None or not bool(train.flipped.any()) else \
+            torch.nonzero(train.flipped).flatten()
+        self.train_class_counts = None if not class_metrics else \
+            class_counts(train.y if train.clean_y is None else train.clean_y, self.num_classes)
+        self.shot_thresholds = None if not class_metrics else shot_thresholds(int(self.train_class_counts.max()))
         if config is not None and not isinstance(config, dict):
             raise ValueError(f"config must be a dict or None, got {type(config).__name__}")
         if progress is not None and not isinstance(progress, bool):
             raise ValueError(f"progress must be True, False or None, got {progress!r}")
         if average is not None and not isinstance(average, WeightAverage):
             raise ValueError(f"average must be a maxup.averaging.EMA or SWA (or None), got {type(average).__name__}")
+        if on_epoch is not None and not callable(on_epoch):
+            raise ValueError(f"on_epoch must be a function of the epoch's record (or None), got {on_epoch!r}")
         if scheduler is not None and not hasattr(scheduler, "step"):
             raise ValueError(f"scheduler must be a torch learning-rate scheduler or None, "
                              f"got {type(scheduler).__name__}")
@@ -194,6 +230,7 @@ class Trainer:
         self.config = dict(config or {})
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.log_tensorboard = bool(log_tensorboard)
+        self.on_epoch = on_epoch
 
         self.device = D.resolve_device(device)
         self.dist = D.setup(self.device)
@@ -212,7 +249,7 @@ class Trainer:
         self.model = D.wrap_model(net, self.device) if self.dist.enabled else net
         self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
                              world_size=self.world_size, device=self.device,
-                             memory_format=torch.channels_last if channels_last else None)
+                             memory_format=torch.channels_last if channels_last else None, sampler=sampler)
         self.generator = DeviceGenerator(self.device, seed=generator_seed(self.seed, self.rank),
                                          host_seed=host_generator_seed(self.seed, self.rank))
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -292,6 +329,8 @@ class Trainer:
                 self._write(self._summary(record))
             if ckdir is not None and (self.epoch % self.checkpoint_every == 0 or self.epoch == self.epochs):
                 self.save_checkpoint()
+            if self.on_epoch is not None:
+                self.on_epoch(dict(record))
         if self.is_main and self.out_dir is not None:
             state = self.module.state_dict()
             atomic_write(self.out_dir / "model.pt", lambda f: torch.save(state, f))
@@ -374,12 +413,19 @@ class Trainer:
             for name, data in (("val", self.val_data), ("test", self.test_data)):
                 if data is not None:
                     metrics = evaluate(model, data, batch_size=eval_batch, device=self.device,
-                                       num_classes=self.num_classes)
+                                       num_classes=self.num_classes, per_class=self.class_metrics)
+                    if self.class_metrics:
+                        metrics = class_metrics(metrics, self.train_class_counts, self.shot_thresholds)
                     record.update({f"{prefix}{name}_{k}": v for k, v in metrics.items()})
+        if self.noisy_index is not None:  # memorisation of the flipped labels
+            record.update(memorisation(self.module, self.train_data, batch_size=eval_batch, device=self.device,
+                                       index=self.noisy_index))
         if epoch + 1 == self.epochs:  # convergence: the clean training set, eval mode, no augmentation
             metrics = evaluate(self.module, self.train_data, batch_size=eval_batch, device=self.device,
                                num_classes=self.num_classes)
             record.update({f"clean_train_{k}": v for k, v in metrics.items()})
+            if self.class_metrics:
+                record["train_class_counts"] = self.train_class_counts.tolist()
         record["train_time"] = train_time
         record["samples_per_s"] = count / train_time if train_time > 0 else float("nan")
         record["time"] = time.perf_counter() - start
@@ -568,6 +614,10 @@ class Trainer:
             "compile": self.compile,
             "channels_last": self.channels_last,
             **({"tf32": self.tf32} if self.device.type == "cuda" else {}),
+            **({"sampler": self.sampler} if self.sampler != "instance" else {}),
+            **({"noisy_train_labels": len(self.noisy_index)} if self.noisy_index is not None else {}),
+            **({"train_class_counts": self.train_class_counts.tolist(), "shot_thresholds": list(self.shot_thresholds)}
+               if self.class_metrics else {}),
         }
         config = dict(self.config)
         config["trainer"] = {**settings, **dict(config.get("trainer") or {})}
