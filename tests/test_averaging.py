@@ -125,3 +125,26 @@ def test_a_trainer_built_by_hand_moves_the_average_to_its_device():
                             epochs=1, batch_size=4, average=ema, progress=False)
     assert trainer.average is ema and next(ema.module.parameters()).device == trainer.device
     assert "ema_train_loss" not in trainer.fit()[-1]
+
+
+def test_the_average_is_saved_and_loads_for_evaluation(tmp_path, one_thread):
+    """ema_model.pt holds the average; the robustness command loads it (or, without the file, the average in the
+    newest checkpoint)."""
+    from maxup.cli.certify import load_run, read_run
+
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 10
+    run = tmp_path / "run"
+    maxup.fit(maxup.models.create_model("cnn", in_channels=1, num_classes=10), "ema(decay=0.9)",
+              train=(x, y), test=(x[:20], y[:20]), epochs=2, batch_size=8, progress=False, out_dir=run,
+              config={"dataset": "digits", "model": "cnn", "train_size": 100, "normalize": False})
+    saved = torch.load(run / "ema_model.pt", weights_only=True)
+    ckpt = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["average"]["module"]
+    assert all(torch.equal(saved[k], ckpt[k]) for k in saved)
+    config = read_run(run)
+    _, model = load_run(run, config, device="cpu", weights="ema")
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    (run / "ema_model.pt").unlink()
+    _, again = load_run(run, config, device="cpu", weights="ema")
+    assert all(torch.equal(v, saved[k]) for k, v in again.state_dict().items())
+    with pytest.raises(ValueError, match="no SWA average"):
+        load_run(run, config, device="cpu", weights="swa")

@@ -104,17 +104,50 @@ def read_run(run: Path) -> dict:
     return config
 
 
-def load_run(run: Path, config: dict, *, device, data_dir=None):
-    """The run's data splits (rebuilt as in training) and its final model on ``device``."""
+def weights_file(run: Path, weights: str = "model") -> Path:
+    """The state of the run's final model (``weights="model"``: model.pt) or of its weight average
+    (``"ema"``/``"swa"``: ema_model.pt / swa_model.pt, or the average in the newest checkpoint)."""
+    if weights == "model":
+        return run / "model.pt"
+    path = run / f"{weights}_model.pt"
+    if path.is_file() or list_checkpoints(run / "checkpoints"):
+        return path
+    raise ValueError(f"{run} keeps no {weights.upper()} average (no {path.name}, no checkpoint): train it with a "
+                     f"'+{weights}' method term, or drop --weights")
+
+
+def _average_state(run: Path, weights: str) -> dict:
+    """The averaged weights of ``run`` from ``<weights>_model.pt``, else from its newest checkpoint."""
+    path = run / f"{weights}_model.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    average = torch.load(newest, map_location="cpu", weights_only=False).get("average") or {}
+    key = {"ema": "module", "swa": "model"}[weights]  # maxup.averaging.EMA / SWA state_dict
+    if key not in average:
+        raise ValueError(f"{run} keeps no {weights.upper()} average: its method has no '+{weights}' term")
+    state = average[key]
+    prefix = "module."  # an SWA average is a torch.optim.swa_utils.AveragedModel around the model
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if weights == "swa" else state
+
+
+def load_run(run: Path, config: dict, *, device, data_dir=None, weights: str = "model"):
+    """The run's data splits (rebuilt as in training) and its final model on ``device`` (``weights``: the
+    trained weights, or the ``"ema"``/``"swa"`` average the run kept)."""
     splits = load_dataset(config["dataset"], data_dir=data_dir or config.get("data_dir"),
                           val_size=config.get("val_size") or 0, train_size=config.get("train_size"),
                           normalize=config.get("normalize", True), seed=config.get("seed", 0))
     model = create_model(config["model"], input_shape=splits.input_shape, num_classes=splits.num_classes,
                          **dict(config.get("model_opt") or {}))
+    path = weights_file(run, weights)
     try:
-        model.load_state_dict(torch.load(run / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(path, map_location="cpu", weights_only=True) if weights == "model" else \
+            _average_state(run, weights)
+        model.load_state_dict(state)
+    except ValueError:
+        raise
     except Exception as err:
-        raise ValueError(f"{run / 'model.pt'} does not load into the {config['model']} model its config.yaml "
+        raise ValueError(f"{path} does not load into the {config['model']} model its config.yaml "
                          f"describes ({type(err).__name__}: {' '.join(str(err).split())})") from None
     return splits, model.to(device)
 

@@ -58,6 +58,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="length of each PGD step (default: 2.5 * eps / steps at each radius)")
     p.add_argument("--random-start", action=argparse.BooleanOptionalAction, default=True,
                    help="start each attack uniformly in the ball (default: yes)")
+    p.add_argument("--weights", choices=("model", "ema", "swa"), default="model",
+                   help="attack the trained weights (model.pt, default) or the run's EMA / SWA average (a run "
+                        "trained with a '+ema' or '+swa' method term)")
     p.add_argument("--limit", type=POSITIVE_INT, default=1000, help="attack the first N test examples (default: 1000)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=500,
                    help="examples attacked at once; the random starts depend on it (default: 500)")
@@ -140,13 +143,14 @@ def robust(args) -> list[dict]:
     attack = {"norm": args.norm, "steps": args.steps, "step_size": args.step_size, "random_start": args.random_start}
     rows = []
     for run, config, log in zip(runs, configs, logs):
-        header = {"run": str(run), **attack, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed}
+        header = {"run": str(run), **attack, "limit": args.limit, "batch_size": args.batch_size, "seed": args.seed,
+                  **({"weights": args.weights} if args.weights != "model" else {})}
         records = read_points(log, header) if args.resume else []
         log.parent.mkdir(parents=True, exist_ok=True)
         write_points(log, header, records)  # drops a line cut short by an interruption
         done = {r["eps"]: r for r in records}
         todo = [e for e in args.eps if e not in done]
-        splits, model = load_run(run, config, device=device, data_dir=args.data_dir)
+        splits, model = load_run(run, config, device=device, data_dir=args.data_dir, weights=args.weights)
         test = splits.test
         n = min(args.limit, len(test))
         test = type(test)(test.x[:n], test.y[:n])

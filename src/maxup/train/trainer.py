@@ -80,6 +80,44 @@ def host_generator_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(rank), 1]).generate_state(1, dtype=np.uint64)[0])
 
 
+def epoch_hooks(step) -> list:
+    """The ``on_epoch_start(epoch, epochs, model)`` methods of the terms in ``step``: the step, the steps it wraps,
+    their objective and its augmentation modules, each once. The Trainer calls them at the start of every epoch
+    (0-based ``epoch`` of ``epochs``; ``model`` the plain network, not the DDP or compiled wrapper), resumed
+    epochs included, before the epoch's first step: terms that follow the epoch (CMO's schedule) or read the
+    model once an epoch (class-distance mixing). A hook draws no randomness, so a resumed run stays exact."""
+    found, seen, objects = [], set(), []
+    while step is not None and id(step) not in seen:
+        seen.add(id(step))
+        objects.append(step)
+        objective = getattr(step, "objective", None)
+        if objective is not None:
+            objects.append(objective)
+            augment = getattr(objective, "augment", None)
+            objects.extend(augment.modules() if isinstance(augment, nn.Module) else [augment])
+        step = getattr(step, "step", None)
+    hooked = set()
+    for obj in objects:
+        hook = getattr(obj, "on_epoch_start", None)
+        if callable(hook) and id(obj) not in hooked:
+            hooked.add(id(obj))
+            found.append(hook)
+    return found
+
+
+def _epoch_end_hooks(step) -> list:
+    """The ``on_epoch_end(model, data, *, epoch)`` hooks of ``step`` and of the steps it wraps (``sam+bootstrap``):
+    steps that act between epochs, such as a fit on the training losses or an epoch schedule."""
+    hooks, seen = [], set()
+    while step is not None and id(step) not in seen:
+        seen.add(id(step))
+        hook = getattr(step, "on_epoch_end", None)
+        if callable(hook):
+            hooks.append(hook)
+        step = getattr(step, "step", None) if getattr(step, "kind", None) == "wrapper" else None
+    return hooks
+
+
 def _check_data(name: str, data, *, required: bool = False):
     if data is None and not required:
         return None
@@ -121,13 +159,19 @@ class Trainer:
     ``class_metrics`` the val/test records add ``*_class_accuracy`` (a list by class) and
     ``*_many_accuracy``, ``*_medium_accuracy``, ``*_few_accuracy`` (thresholds
     :func:`maxup.data.shot_thresholds` of the largest training class, by the true labels), and the
-    last record ``train_class_counts``. ``sampler`` is the :class:`~maxup.data.Loader`'s.
+    last record ``train_class_counts``. ``sampler`` is the :class:`~maxup.data.Loader`'s. Terms of the step
+    with an ``on_epoch_start`` method (CMO, class-distance mixing) are called at the start of every epoch
+    (:func:`epoch_hooks`). A step (or a step a wrapper holds) with an ``on_epoch_end(model, data, *, epoch)``
+    method is called after every epoch's last step, before the evaluation and the checkpoint, with the plain
+    network, the training inputs and their (noisy) labels only -- never ``clean_y`` -- and the number of epochs
+    done (``bootstrap`` fits its loss mixture there, ``paddles`` follows its schedule).
 
     With ``out_dir`` the main process writes ``metrics.jsonl``, ``metrics.csv``,
     ``config.yaml``, ``checkpoints/epoch-NNNN.pt`` (the last ``keep_checkpoints``, every
     ``checkpoint_every`` epochs and after the last one, written atomically) and
-    ``model.pt`` (final ``state_dict``). ``fit(resume=True)`` continues from the newest
-    checkpoint; on CPU the result equals an uninterrupted run bit for bit.
+    ``model.pt`` (final ``state_dict``; with a weight average also ``ema_model.pt`` or
+    ``swa_model.pt``). ``fit(resume=True)`` continues from the newest checkpoint; on CPU the
+    result equals an uninterrupted run bit for bit.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) the trainer joins or creates the process
     group (Gloo on CPU, NCCL on CUDA), wraps the model in ``DistributedDataParallel``,
@@ -247,9 +291,11 @@ class Trainer:
         elif _compiled(model) and not self.dist.enabled:
             net = model  # compiled by the caller
         self.model = D.wrap_model(net, self.device) if self.dist.enabled else net
+        self.epoch_hooks = epoch_hooks(step)
         self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
                              world_size=self.world_size, device=self.device,
                              memory_format=torch.channels_last if channels_last else None, sampler=sampler)
+        self.epoch_end_hooks = _epoch_end_hooks(step)
         self.generator = DeviceGenerator(self.device, seed=generator_seed(self.seed, self.rank),
                                          host_seed=host_generator_seed(self.seed, self.rank))
         self.progress = sys.stderr.isatty() if progress is None else progress
@@ -334,6 +380,11 @@ class Trainer:
         if self.is_main and self.out_dir is not None:
             state = self.module.state_dict()
             atomic_write(self.out_dir / "model.pt", lambda f: torch.save(state, f))
+            averaged = None if self.average is None else self.average.averaged(
+                self.train_data, device=self.device, batch_size=max(512, self.batch_size))
+            if averaged is not None:  # ema_model.pt / swa_model.pt: the average, for maxup robust --weights
+                average = averaged.state_dict()
+                atomic_write(self.out_dir / f"{self.average.prefix}_model.pt", lambda f: torch.save(average, f))
         return self.history
 
     # ------------------------------------------------------------------ one epoch
@@ -341,6 +392,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict:
         start = time.perf_counter()
         self.loader.set_epoch(epoch)
+        for hook in self.epoch_hooks:  # terms that follow the epoch or read the model once an epoch
+            hook(epoch, self.epochs, self.module)
         self.model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss * n, n, correct rows, rows
         n_steps = len(self.loader)
@@ -394,6 +447,11 @@ class Trainer:
                 bar.close()
         train_time = time.perf_counter() - start
         D.broadcast_buffers(self.module)  # every rank evaluates and saves the same model
+        if self.epoch_end_hooks:  # the step's work after an epoch (training time): inputs and noisy labels only
+            data = TensorData(self.loader.x, self.loader.y)
+            for hook in self.epoch_end_hooks:
+                hook(self.module, data, epoch=epoch + 1)
+            train_time = time.perf_counter() - start
         loss_sum, count, correct, rows = D.all_reduce_sum(sums).tolist()
         record = {
             "epoch": epoch + 1,
@@ -655,5 +713,6 @@ class Trainer:
         return "  ".join(parts)
 
 
-__all__ = ["NonFiniteLossError", "NonFiniteStateError", "RESUMABLE", "TIMING_KEYS", "Trainer", "generator_seed",
+__all__ = ["NonFiniteLossError", "NonFiniteStateError", "RESUMABLE", "TIMING_KEYS", "Trainer", "epoch_hooks",
+           "generator_seed",
            "host_generator_seed"]
