@@ -30,6 +30,7 @@ INPUTS: dict[str, list[tuple[int, ...]]] = {
     "wrn": [(1, 8, 8), (3, 16, 16), (3, 12, 20)],
     "cnn1d": [(8, 8), (2, 100), (1, 33)],
     "mlp": [(64,), (1, 8, 8), (3, 4, 5)],
+    "vit": [(1, 8, 8), (3, 32, 32), (1, 28, 28), (3, 12, 20)],  # patch 4 (the default) divides each
 }
 SMALL_OPTS: dict[str, dict] = {  # keeps the heavier models quick in tests
     "wrn": {"widen_factor": 1},
@@ -53,7 +54,7 @@ ALLOWED_LEAVES = (
 
 
 def test_list_models_is_the_documented_set():
-    assert list_models() == ["cnn", "mlp", "cnn1d", "resnet", "wrn"]
+    assert list_models() == ["cnn", "mlp", "cnn1d", "resnet", "wrn", "vit"]
     assert set(INPUTS) == set(list_models())
 
 

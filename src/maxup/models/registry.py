@@ -11,6 +11,7 @@ from torch import nn
 
 from .cnn import CNN1d, MLP, SmallCNN
 from .resnet import ResNet, WideResNet
+from .vit import ViT
 
 __all__ = ["list_models", "create_model", "model_options"]
 
@@ -28,17 +29,18 @@ _REGISTRY: dict[str, _Spec] = {
     "cnn1d": _Spec(CNN1d, "signal", "1-D CNN for (C, L) signals"),
     "resnet": _Spec(ResNet, "image", "CIFAR ResNet, depth 6n+2 (default ResNet-20, width 16)"),
     "wrn": _Spec(WideResNet, "image", "Wide ResNet WRN-d-k, depth 6n+4 (default WRN-16-4)"),
+    "vit": _Spec(ViT, "image", "small vision transformer (patch embedding, class token, pre-norm blocks)"),
 }
 
 # Arguments that create_model fills in itself from in_channels / input_shape.
-_MANAGED = {"in_channels", "num_classes", "in_features"}
+_MANAGED = {"in_channels", "num_classes", "in_features", "image_size"}
 
 
 def list_models() -> list[str]:
     """Names accepted by :func:`create_model`.
 
     >>> list_models()
-    ['cnn', 'mlp', 'cnn1d', 'resnet', 'wrn']
+    ['cnn', 'mlp', 'cnn1d', 'resnet', 'wrn', 'vit']
     """
     return list(_REGISTRY)
 
@@ -137,4 +139,6 @@ def create_model(
                 f"input_shape for model {key!r} must be {form}, got {tuple(input_shape)!r}"
             )
         in_channels = shape[0]
+        if "image_size" in inspect.signature(spec.cls.__init__).parameters:  # the ViT's position embeddings
+            kwargs["image_size"] = shape[1:]
     return spec.cls(in_channels=in_channels, num_classes=num_classes, **kwargs)
