@@ -31,7 +31,7 @@ from . import augment as A
 from .registry import REGISTRY, Entry, register
 
 __all__ = ["Entry", "REGISTRY", "Spec", "Term", "build_augment", "build_average", "build_objective", "build_step",
-           "canonical",
+           "canonical", "data_options",
            "list_methods", "parse", "register", "split_outside"]
 
 # every term registers itself where it is defined: import the packages that hold them
@@ -155,34 +155,38 @@ class Spec:
 
     # ------------------------------------------------------------------ building
 
-    def build_augment(self, num_classes: int, model: torch.nn.Module | None = None) -> A.Augmentation | None:
-        """The spec's augmentations, composed in order (None when it has none)."""
-        augs = [t.entry.factory(**t.kwargs, model=model, num_classes=num_classes) for t in self.of_kind("augment")]
+    def build_augment(self, num_classes: int, model: torch.nn.Module | None = None,
+                      train=None) -> A.Augmentation | None:
+        """The spec's augmentations, composed in order (None when it has none); ``train`` (the training set) goes
+        to the terms that read it (see :func:`data_options`)."""
+        augs = [t.entry.factory(**t.kwargs, **data_options(t.entry, train, num_classes), model=model,
+                                num_classes=num_classes) for t in self.of_kind("augment")]
         if not augs:
             return None
         return augs[0] if len(augs) == 1 else A.Compose(augs, num_classes=num_classes)
 
-    def build_objective(self, num_classes: int, model: torch.nn.Module | None = None):
+    def build_objective(self, num_classes: int, model: torch.nn.Module | None = None, train=None):
         """The objective the spec describes (ERM when it names none)."""
-        augment = self.build_augment(num_classes, model)
+        augment = self.build_augment(num_classes, model, train)
         term = next(iter(self.of_kind("objective")), Term("erm"))
         if augment is None and term.name != "erm":
             augment = A.Identity(num_classes=num_classes)
-        return term.entry.factory(augment, **term.kwargs)
+        return term.entry.factory(augment, **term.kwargs, **data_options(term.entry, train, num_classes))
 
-    def build_step(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_classes: int,
+    def build_step(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_classes: int, train=None,
                    **step_options):
         """The training step: the step term (or :class:`~maxup.steps.Standard`) around the objective, inside
-        the wrapper term if there is one. ``step_options`` (``max_grad_norm``, ``amp``) go to the step."""
+        the wrapper term if there is one. ``step_options`` (``max_grad_norm``, ``amp``) go to the step; ``train``
+        (the training set: a :class:`maxup.data.TensorData` or an ``(x, y)`` pair) to the terms that read it."""
         from .steps import Standard
 
-        objective = self.build_objective(num_classes, model)
+        objective = self.build_objective(num_classes, model, train)
         term = next(iter(self.of_kind("step")), None)
         if term is None:
             step = Standard(objective, optimizer, **step_options)
         else:
             step = term.entry.factory(objective, optimizer, model=model, num_classes=num_classes, **term.kwargs,
-                                      **step_options)
+                                      **data_options(term.entry, train, num_classes), **step_options)
         for wrapper in self.of_kind("wrapper"):
             step = wrapper.entry.factory(step, **wrapper.kwargs)
         return step
@@ -236,14 +240,35 @@ def _check(parsed: Spec, spec: str) -> None:
                          f"{inside}'s forward context; use it alone, under sam/asam or with gradaug")
 
 
-def build_augment(terms: Spec | str | list[Term], num_classes: int, model: torch.nn.Module | None = None):
+def build_augment(terms: Spec | str | list[Term], num_classes: int, model: torch.nn.Module | None = None, train=None):
     """The augmentations of a spec (see :meth:`Spec.build_augment`)."""
-    return _as_spec(terms).build_augment(num_classes, model)
+    return _as_spec(terms).build_augment(num_classes, model, train)
 
 
-def build_objective(spec: Spec | str | list[Term], num_classes: int, model: torch.nn.Module | None = None):
+def build_objective(spec: Spec | str | list[Term], num_classes: int, model: torch.nn.Module | None = None,
+                    train=None):
     """The objective a spec describes (see :meth:`Spec.build_objective`)."""
-    return _as_spec(spec).build_objective(num_classes, model)
+    return _as_spec(spec).build_objective(num_classes, model, train)
+
+
+def data_options(entry: Entry, train, num_classes: int) -> dict[str, Any]:
+    """The training-data arguments a builder fills in for ``entry``, as its ``filled`` names them: ``train`` (the
+    training set as given) and ``class_counts`` (its samples per class, from the labels ``train.y`` or
+    ``train[1]``); nothing without ``train``, so a term that needs them says so itself.
+
+    >>> data_options(REGISTRY["balanced_softmax"], (torch.zeros(3, 2), torch.tensor([0, 0, 1])), 2)
+    {'class_counts': tensor([2, 1])}
+    """
+    filled = entry.cls.filled
+    if train is None or not {"train", "class_counts"} & set(filled):
+        return {}
+    out: dict[str, Any] = {"train": train} if "train" in filled else {}
+    if "class_counts" in filled:
+        from .data.longtail import class_counts
+
+        labels = train.y if hasattr(train, "y") else train[1]
+        out["class_counts"] = class_counts(labels, num_classes)
+    return out
 
 
 def build_step(spec: Spec | str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, num_classes: int,
@@ -251,7 +276,8 @@ def build_step(spec: Spec | str, *, model: torch.nn.Module, optimizer: torch.opt
     """The training step a spec describes,
     e.g. ``build_step("maxup(m=4)+cutout", model=..., optimizer=..., num_classes=10)``.
 
-    ``step_options`` (``max_grad_norm``, ``amp``, ...) go to the step's constructor.
+    ``step_options`` (``max_grad_norm``, ``amp``, ...) go to the step's constructor; ``train=data`` (the
+    training set) to the terms that read it (the long-tail terms: class counts, a re-weighted second batch).
     """
     return parse(spec).build_step(model=model, optimizer=optimizer, num_classes=num_classes, **step_options)
 

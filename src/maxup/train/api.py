@@ -92,7 +92,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     opt = make_optimizer(module, optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     step_options = {k: v for k, v in (("amp", amp), ("max_grad_norm", max_grad_norm)) if v is not None}
     spec = methods.parse(method)
-    step = spec.build_step(model=module, optimizer=opt, num_classes=num_classes, **step_options)
+    step = spec.build_step(model=module, optimizer=opt, num_classes=num_classes, train=train_d, **step_options)
     config = {
         "method": str(spec),
         "model": type(module).__name__,
