@@ -9,11 +9,15 @@ of ``x, y``) and ``splits`` (:func:`maxup.data.from_tensors` of the four).
 
 This file lives in ``src/``, outside the ``maxup`` package, so it is never installed.
 """
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
 collect_ignore = ["conftest.py", "maxup/train/optim.py"]  # no examples here (tests/conftest.py); a deprecated alias
+if importlib.util.find_spec("lightning") is None:  # an optional extra: its integration cannot be imported
+    collect_ignore.append("maxup/integrations/lightning.py")
 
 
 @pytest.fixture(autouse=True)

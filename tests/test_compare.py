@@ -140,6 +140,16 @@ def test_force_trains_again_instead_of_reusing_finished_runs(tmp_path):
     assert json.loads((out / "results.json").read_text())["runs"]["erm"][0][-1]["test_accuracy"] != 0.123
 
 
+def test_workers_is_an_alias_of_jobs():
+    """--workers N is --jobs N: the worker processes give the same runs as one process (the test above)."""
+    from maxup.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["compare", "--workers", "2"]).jobs == 2
+    assert parser.parse_args(["compare", "--jobs", "3"]).jobs == 3 and parser.parse_args(["compare"]).jobs == 1
+    assert "--jobs JOBS, --workers JOBS" in parser._subparsers._group_actions[0].choices["compare"].format_help()
+
+
 def test_bad_jobs_is_refused(capsys):
     assert main(["compare", "--jobs", "0", "--out", "unused"]) == 2
     assert "--jobs" in capsys.readouterr().err

@@ -107,6 +107,8 @@ class EMA(WeightAverage):
     """
 
     prefix = "ema"
+    #: a decay per step: the memory 1 / (1 - decay) should be a fraction of the run's steps
+    search_space = {"decay": [0.9, 0.95, 0.98, 0.99, 0.995, 0.999]}
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: int = 0):
         if not isinstance(model, nn.Module):

@@ -201,8 +201,13 @@ def collate(augment: Augmentation, generator: torch.Generator | None = None):
     >>> loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate(mixup))
 
     An augmentation that acts inside the model's forward (Manifold Mixup, embedding noise) is
-    refused: a loader cannot reach the model.
+    refused: a loader cannot reach the model; so are steps that need the model's gradients (Puzzle Mix).
     """
+    if getattr(augment, "kind", "augment") != "augment":
+        raise ValueError(f"collate takes a maxup.augment.Augmentation, but {type(augment).__name__} is a training "
+                         f"{augment.kind}: it needs the model (Puzzle Mix needs its input gradients), which a "
+                         "DataLoader cannot reach; call it as step(model, x, y) in the training loop, or use a "
+                         "model-free augmentation here (e.g. maxup.augment.SaliencyMix)")
     if augment.context:
         inside = next(m for m in augment.modules() if getattr(type(m), "context", None))
         raise ValueError(f"collate cannot apply {type(inside).__name__}: it acts inside the model's forward pass "

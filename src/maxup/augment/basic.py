@@ -18,6 +18,8 @@ __all__ = ["Cutout", "GaussianNoise", "RandomCropFlip"]
 class GaussianNoise(Augmentation):
     """Adds N(0, sigma^2) noise to every element (any input shape)."""
 
+    search_space = {"sigma": (0.05, 1.0, "log")}
+
     def __init__(self, sigma: float = 0.1, *, num_classes: int | None = None, p: float = 1.0):
         super().__init__(num_classes=num_classes, p=p)
         self.sigma = check_positive("sigma", sigma, allow_zero=True)
@@ -45,6 +47,8 @@ class Cutout(Augmentation):
     """
 
     domain = "image"
+    #: in pixels: images smaller than 16 need a narrower range (``--space cutout.size=1..4`` on 8x8 digits)
+    search_space = {"size": (2, 16, "int")}
 
     def __init__(self, size: int | tuple[int, int] | None = None, *, fill: float = 0.0, num_classes: int | None = None,
                  p: float = 1.0):
@@ -73,6 +77,7 @@ class RandomCropFlip(Augmentation):
     """Random crop after ``padding`` (zeros or reflection) and a horizontal flip with probability ``flip``."""
 
     domain = "image"
+    search_space = {"padding": (1, 4, "int"), "flip": [0.0, 0.5]}
 
     def __init__(self, padding: int = 4, *, flip: float = 0.5, padding_mode: str = "constant",
                  num_classes: int | None = None, p: float = 1.0):

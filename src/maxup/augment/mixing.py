@@ -16,6 +16,8 @@ class _Mixing(Augmentation):
     """Shared draw of the mixing ops: lam ~ Beta(alpha, alpha) per batch or per sample, a random partner permutation."""
 
     mixes_rows = True
+    #: ``maxup tune`` searches alpha (Beta(alpha, alpha)): small alphas mix little, 1 is uniform, 2 mixes evenly
+    search_space = {"alpha": (0.1, 2.0, "log")}
 
     def __init__(self, alpha: float = 1.0, *, per_sample: bool = False, num_classes: int | None = None, p: float = 1.0):
         super().__init__(num_classes=num_classes, p=p)
@@ -69,6 +71,7 @@ class HMix(_Mixing):
     """
 
     domain = "image"
+    search_space = {"alpha": (0.1, 2.0, "log"), "ratio": (0.0, 1.0)}
 
     def __init__(self, alpha: float = 1.0, *, ratio: float = 0.5, per_sample: bool = False,
                  num_classes: int | None = None, p: float = 1.0):

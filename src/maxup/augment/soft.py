@@ -36,6 +36,7 @@ class LabelSmoothing(Augmentation):
     """
 
     random = False
+    search_space = {"eps": (0.01, 0.3, "log")}
 
     def __init__(self, eps: float = 0.1, *, num_classes: int | None = None):
         super().__init__(num_classes=num_classes)

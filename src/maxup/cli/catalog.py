@@ -8,10 +8,12 @@ SECTIONS = {"objective": "objectives", "augment": "augmentations", "step": "step
 
 
 def method_line(entry) -> str:
-    """One line of ``maxup methods``: the term with every option at its default, then what it does."""
+    """One line of ``maxup methods``: the term with every option at its default, what it does, and the ranges
+    ``maxup tune`` searches (:attr:`maxup.registry.Traits.search_space`)."""
     opts = ", ".join(f"{k}={v!r}" for k, v in entry.options().items())
     call = f"{entry.name}({opts})" if opts else entry.name
-    return f"{call} -- {entry.summary}"
+    space = ", ".join(f"{k}={r}" for k, r in entry.search_space().items())
+    return f"{call} -- {entry.summary}" + (f" [tune: {space}]" if space else "")
 
 
 def methods(args) -> None:

@@ -20,6 +20,7 @@ from ..methods import split_outside
 from ..train import list_checkpoints
 from .files import check_out, clear_checkpoints, holds_comparison, read_yaml
 from .options import (
+    IMBALANCE,
     INTEGER_TYPES,
     NON_NEGATIVE,
     POSITIVE,
@@ -28,12 +29,14 @@ from .options import (
     add_corpus_options,
     add_force_option,
     add_image_options,
+    add_tensorboard_option,
     fill_task_defaults,
     methods_arg,
+    noise_rate,
     slug,
 )
 from .report import report
-from .run import is_main, run
+from .run import is_main, run, tensorboard_wanted
 from .tasks import IMAGE, TASKS, Task, get_task, task_option_keys
 
 #: the settings a method of ``maxup compare`` may change for itself: ``cutout@epochs=40``
@@ -81,8 +84,8 @@ def comparison_specs(args, specs: list[str], normalise) -> list[str]:
     if len(set(specs)) != len(specs):
         raise ValueError(f"--methods lists a method twice: {specs}")
     force = getattr(args, "force", False)
-    check_out(args.out, resume=args.resume or getattr(args, "report", False), force=force, what="a comparison",
-              holds=holds_comparison)
+    check_out(args.out, resume=args.resume or getattr(args, "report", False) or bool(getattr(args, "storage", None)),
+              force=force, what="a comparison", holds=holds_comparison)
     if force:
         for spec in specs:
             for seed in range(args.seeds):
@@ -98,9 +101,11 @@ SUITE_KEYS = ("seeds", "task")
 SUITE_TYPES = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "momentum": NON_NEGATIVE,
                "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "max_grad_norm": POSITIVE,
                "train_size": POSITIVE_INT, "val_size": NON_NEGATIVE, "test_size": POSITIVE_INT, "seeds": POSITIVE_INT,
-               "bptt": POSITIVE_INT, "train_tokens": POSITIVE_INT, "normalize": bool, "model_opt": dict}
+               "bptt": POSITIVE_INT, "train_tokens": POSITIVE_INT, "normalize": bool, "model_opt": dict,
+               "label_noise": noise_rate, "imbalance": IMBALANCE}
 #: suite entries that may be null (their option's default is None)
-SUITE_NULLABLE = ("data_dir", "train_size", "test_size", "max_grad_norm", "amp", "device", "train_tokens")
+SUITE_NULLABLE = ("data_dir", "train_size", "test_size", "max_grad_norm", "amp", "device", "train_tokens", "noise_type",
+                  "noise_map", "noisy_labels", "imbalance")
 
 
 def _suite_value(key: str, value, what: str):
@@ -203,7 +208,7 @@ def run_comparison(task: Task, args, specs: list[str], budget: str, data=None):
             elif not report_only:
                 todo.append((spec, seed, config, run_dir))
         runs = todo
-    runner = functools.partial(run, task)
+    runner = functools.partial(run, task, tensorboard=tensorboard_wanted(args))
     try:
         if jobs == 1:
             loaded: dict[int, object] = {}
@@ -270,14 +275,19 @@ def finished_history(run_dir: Path, epochs: int) -> list[dict] | None:
 def compare(args) -> list[dict]:
     """``maxup compare``: the methods of ``--methods`` (or the task's defaults) with ``--seeds`` seeds on
     ``--task``; prints the table and writes results.md, results.json and results.png into ``--out``."""
+    from . import grid
+
     if args.suite:
         load_suite(args)
+    grid.check_compare_args(args)
     task = get_task(args.task)
     fill_task_defaults(args, task.compare_defaults(args))
     specs = comparison_specs(args, list(args.methods or task.default_methods), with_budget(task.method))
     data = task.shared_data(args)
     start = time.perf_counter()
     budget = task.budget(args, data)
+    if getattr(args, "storage", None):  # the grid goes into a shared database; `maxup worker` trains it
+        return grid.compare_on_storage(task, args, specs, budget, start)
     results, missing = run_comparison(task, args, specs, budget, data)
     return report(task, results, Path(args.out), budget, start, missing=missing)
 
@@ -309,8 +319,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true",
                    help="train nothing: summarise the runs in --out that have finished (a grid still running, or "
                         "one whose run directories were copied from another machine)")
-    p.add_argument("--jobs", type=POSITIVE_INT, default=1,
+    p.add_argument("--jobs", "--workers", dest="jobs", type=POSITIVE_INT, default=1,
                    help="runs trained side by side in worker processes (default: 1); e.g. several small runs on one "
-                        "GPU, or one per core with one thread each")
+                        "GPU, or one per core with one thread each; the same runs, seed for seed, as one process")
+    add_tensorboard_option(p)
+    from .grid import add_compare_options
+
+    add_compare_options(p)
     p.set_defaults(func=compare)
     return p

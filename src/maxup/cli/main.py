@@ -1,11 +1,15 @@
-"""The ``maxup`` command: ``train``, ``compare``, ``certify``, ``robust``, ``lm``, ``lm-corpus`` and ``methods``.
+"""The ``maxup`` command: ``train``, ``compare``, ``tune``, ``certify``, ``robust``, ``lm``, ``lm-corpus`` and
+``methods``.
 
     maxup compare                                   # the main job: six methods on digits, three seeds
+    maxup tune --methods "mixup,maxup(m=4)+gaussian" --trials 20    # search specs on a validation split
     maxup train --dataset fashion-mnist --model resnet --method "maxup(m=4)+cutout" --epochs 10 --out runs/a
     maxup certify runs/a runs/b --limit 500         # certified accuracy by randomized smoothing
     maxup robust runs/a runs/b --eps 0.05,0.1       # robust accuracy under a PGD attack
     maxup lm --corpus kjv --method "maxup(m=4)+embed_noise(sigma=0.1)" --out runs/lm   # language modelling
     maxup compare --task lm --corpus kjv --methods "erm,maxup(m=4)+word_dropout(p=0.1)"
+    maxup compare --storage postgresql://me@db/maxup --out /shared/c   # a grid for `maxup worker` on many machines
+    maxup worker --storage postgresql://me@db/maxup                     # on each machine: train runs until none is left
     maxup methods                                   # every method term and its options
 """
 # This module builds the parser and dispatches; each command lives in its own module, which adds its
@@ -20,7 +24,7 @@ import warnings
 
 from ..train import CheckpointError, NonFiniteLossError
 from ..train.checkpoint import describe_os_error
-from . import catalog, certify, comparison, lm, robust, run
+from . import catalog, certify, comparison, grid, lm, robust, run, tune
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     comparison.add_parser(sub)
+    grid.add_parser(sub)
+    tune.add_parser(sub)
     certify.add_parser(sub)
     robust.add_parser(sub)
     lm.add_parsers(sub)
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
             return _error(err, 2)
-        except (CheckpointError, NonFiniteLossError) as err:
+        except (CheckpointError, NonFiniteLossError, grid.RunsFailed) as err:
             return _error(err, 1)
         except OSError as err:
             where = f": {err.filename}" if err.filename else ""

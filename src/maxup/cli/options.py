@@ -10,7 +10,7 @@ import argparse
 import ast
 import math
 
-from ..data import list_datasets
+from ..data import NOISE_PRESETS, NOISE_TYPES, SAMPLERS, list_datasets
 from ..methods import split_outside
 from ..models import list_models
 
@@ -53,6 +53,17 @@ def float_option(low: float = 0.0, *, strict: bool = False):
 
 POSITIVE_INT, COUNT = int_option(1), int_option(0)
 POSITIVE, NON_NEGATIVE = float_option(strict=True), float_option()
+#: ``--imbalance``: a ratio >= 1
+IMBALANCE = float_option(1.0)
+
+
+def noise_rate(text) -> float:
+    """``--label-noise``: a fraction of flipped labels in [0, 1)."""
+    value = NON_NEGATIVE(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a noise rate in [0, 1) (the fraction of training labels flipped), "
+                                         f"got {text}")
+    return value
 #: the integer types: a suite entry of one of them must be a YAML integer (``seeds: 2``, not ``seeds: "2"``)
 INTEGER_TYPES = (POSITIVE_INT, COUNT)
 
@@ -145,6 +156,7 @@ def add_image_options(p: argparse.ArgumentParser, defaults: dict) -> None:
                    help="validation split from the training data: a fraction or a count")
     g.add_argument("--test-size", type=POSITIVE_INT, default=None, help="use only the first N test images (quick runs)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not standardise the inputs")
+    add_noise_options(p)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")
     add_model_opt(g, "model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")
@@ -155,6 +167,31 @@ def add_image_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--channels-last", action="store_true", help="model and images in channels-last memory format")
     g.add_argument("--no-tf32", dest="tf32", action="store_false",
                    help="on CUDA, keep fp32 matrix multiplies and convolutions in full IEEE precision (default: TF32)")
+
+
+def add_noise_options(p: argparse.ArgumentParser) -> None:
+    """Noisy labels, long tails and the sampler (image classification; the training split only). Recorded in a
+    run's config.yaml only when set (:data:`maxup.cli.tasks.ImageTask.optional`)."""
+    g = p.add_argument_group("noisy labels and long tails (training split only; validation and test stay clean)")
+    g.add_argument("--label-noise", type=noise_rate, default=0.0, metavar="RATE",
+                   help="flip exactly this fraction of the training labels, seeded by --seed (default: 0); the "
+                        "metrics noisy_memorised and noisy_true_accuracy follow the flipped samples")
+    g.add_argument("--noise-type", choices=NOISE_TYPES, default=None,
+                   help="symmetric: to another class, uniformly (default); asymmetric: by --noise-map or the "
+                        f"dataset's preset ({', '.join(NOISE_PRESETS)}); pairflip: class c to c+1 mod C")
+    g.add_argument("--noise-map", default=None, metavar="MAP",
+                   help="the flips of asymmetric noise, SOURCE:TARGET pairs such as '9:1,2:0,4:7,3:5,5:3', or a "
+                        "preset name")
+    g.add_argument("--noisy-labels", default=None, metavar="FILE",
+                   help="your own noisy training labels: one integer per line, or a .npy; one per training sample, "
+                        "in the order of the training data as loaded (a relative path is also looked up in "
+                        "--data-dir)")
+    g.add_argument("--imbalance", type=IMBALANCE, default=None, metavar="RATIO",
+                   help="long-tailed training split, n_c = n_max * RATIO^(-c/(C-1)) (CIFAR-LT); adds per-class and "
+                        "many/medium/few-shot test accuracy")
+    g.add_argument("--class-sampler", choices=tuple(SAMPLERS), default="instance",
+                   help="training order by class: instance (each sample once per epoch, default), class (each "
+                        "class equally likely), sqrt, reversed (class probability inversely proportional to its size)")
 
 
 def add_corpus_options(p: argparse.ArgumentParser) -> None:
@@ -202,6 +239,13 @@ def add_run_dir_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out (with the "
                                                          "same settings; more --epochs may be given)")
     add_force_option(p)
+    add_tensorboard_option(p)
+
+
+def add_tensorboard_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also write TensorBoard scalars into each run directory's tensorboard/ (needs the tensorboard "
+                        "package; without it, one warning)")
 
 
 def add_force_option(p: argparse.ArgumentParser) -> None:

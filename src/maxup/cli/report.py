@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.longtail import shot_thresholds
 from .run import is_main
 from .tasks import IMAGE, Task
 
@@ -40,6 +41,8 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
             best = [min(h, key=lambda e: e["val_perplexity"]) for h in runs]
             stats("best_val_epoch", [e["epoch"] for e in best])
             stats("test_perplexity_at_best_val", [e["test_perplexity"] for e in best])
+        if all("test_class_accuracy" in f and "train_class_counts" in f for f in finals):  # long-tailed runs
+            row.update(class_means(finals))
         # median over epochs and seeds: robust to the odd slow epoch on a shared machine
         row["epoch_time"] = torch.tensor([e["train_time"] for h in runs for e in h]).median().item()
         stats("train_time_total", [sum(e["train_time"] for e in h) for h in runs])
@@ -48,6 +51,55 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
     for r in rows:
         r["time_ratio"] = r["epoch_time"] / base["epoch_time"]
     return rows
+
+
+def class_means(finals: list[dict]) -> dict:
+    """The per-class test accuracy of a method, mean over its seeds (None for a class no seed measured), and the
+    training class sizes (mean over seeds: the profile is the same for every seed unless the data differ)."""
+    accuracy = []
+    for values in zip(*(f["test_class_accuracy"] for f in finals)):
+        measured = [v for v in values if v is not None]
+        accuracy.append(sum(measured) / len(measured) if measured else None)
+    counts = [sum(c) / len(c) for c in zip(*(f["train_class_counts"] for f in finals))]
+    return {"test_class_accuracy": accuracy, "train_class_counts": counts}
+
+
+def plot_classes(rows: list[dict], path: Path, title: str) -> bool:
+    """Per-class test accuracy (mean over seeds) against the class's training samples, one series per method
+    (log-scaled sizes); False (nothing written) when no row holds per-class accuracy."""
+    rows = [r for r in rows if "test_class_accuracy" in r]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        pairs = sorted((n, 100 * a) for n, a in zip(r["train_class_counts"], r["test_class_accuracy"])
+                       if a is not None and n > 0)
+        ax.plot([p[0] for p in pairs], [p[1] for p in pairs], marker="o", label=r["method"])
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    sizes = [n for r in rows for n in r["train_class_counts"] if n > 0]
+    many, few = shot_thresholds(int(max(sizes)))
+    for x, text in ((many, "many-shot >"), (few, "few-shot <")):
+        if not min(sizes) <= x <= max(sizes):  # a boundary outside the data would only stretch the axis
+            continue
+        ax.axvline(x, color="grey", linestyle=":", linewidth=1)
+        ax.annotate(f"{text} {x:g}", (x, 1), xycoords=("data", "axes fraction"), fontsize=7, color="grey",
+                    rotation=90, va="top", ha="right")
+    ax.set_xlabel("training samples of the class (log scale)")
+    ax.set_ylabel("test accuracy of the class (%), mean over seeds")
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize=7)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def table(rows: list[dict], baseline: str, columns=IMAGE.columns) -> str:
@@ -134,5 +186,7 @@ def report(task: Task, results: dict[str, list[list[dict]]], out: Path, budget: 
     (out / "results.json").write_text(json.dumps({"budget": budget, "summary": rows, "runs": results,
                                                   "seeds": seeds, "missing": list(missing)}, indent=1))
     plot(results, rows, out / "results.png", title_line, **task.plot)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}")
+    by_class = plot_classes(rows, out / "results_classes.png", title_line)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'} and {out / 'results.png'}"
+          + (f" (per-class accuracy: {out / 'results_classes.png'})" if by_class else ""))
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 import torch
 
@@ -20,11 +21,30 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def tensorboard_wanted(args) -> bool:
+    """``--tensorboard``: True when asked and TensorBoard is installed; asked without it, one warning and False
+    (so that no run, in this process or a worker, warns again). It writes into the run directory: ``maxup train``
+    and ``maxup lm`` need ``--out``."""
+    if not getattr(args, "tensorboard", False):
+        return False
+    if getattr(args, "out", None) is None:
+        raise ValueError("--tensorboard writes TensorBoard logs into the run directory: give --out RUN_DIR")
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        warnings.warn(f"--tensorboard: TensorBoard is not available ({err}); training without TensorBoard logs "
+                      "(pip install tensorboard)", stacklevel=2)
+        return False
+    return True
+
+
 def run(task: Task, config: dict, *, out_dir=None, resume: bool = False, progress=None, splits=None,
-        spec: M.Spec | None = None) -> list[dict]:
+        spec: M.Spec | None = None, tensorboard: bool = False, on_epoch=None) -> list[dict]:
     """Train one configuration of ``task`` (the task's config: its :attr:`~Task.keys`, ``method`` and ``seed``);
     returns the history. ``splits`` are the task's data and ``spec`` the parsed ``config["method"]`` when the
-    caller has them already.
+    caller has them already. ``tensorboard`` also writes TensorBoard scalars into ``out_dir/tensorboard`` (not a
+    setting of the run: a resume may change it); ``on_epoch`` is called with each epoch's record
+    (:class:`maxup.train.Trainer`).
 
     With ``resume`` a run in ``out_dir`` continues if its settings are the same (more epochs may be
     given); a changed setting is an error naming it."""
@@ -41,7 +61,9 @@ def run(task: Task, config: dict, *, out_dir=None, resume: bool = False, progres
                warmup_epochs=config["warmup_epochs"], seed=config["seed"], device=config["device"], out_dir=out_dir,
                amp=config["amp"], max_grad_norm=config["max_grad_norm"], num_classes=splits.num_classes,
                progress=progress, resume=resume, config=config, compile=config.get("compile", False),
-               channels_last=config.get("channels_last", False), tf32=config.get("tf32", True))
+               channels_last=config.get("channels_last", False), tf32=config.get("tf32", True),
+               log_tensorboard=tensorboard, on_epoch=on_epoch, sampler=config.get("class_sampler", "instance"),
+               class_metrics=config.get("imbalance") is not None)
 
 
 def train(args) -> list[dict]:
@@ -50,7 +72,8 @@ def train(args) -> list[dict]:
     spec = task.spec(args.method)
     config = task.config(args, str(spec), args.seed)
     check_run_dir(args)
-    history = run(task, config, out_dir=args.out, resume=args.resume, progress=args.progress, spec=spec)
+    history = run(task, config, out_dir=args.out, resume=args.resume, progress=args.progress, spec=spec,
+                  tensorboard=tensorboard_wanted(args))
     if is_main() and history:
         task.print_run(config, history)
         if args.out:

@@ -35,6 +35,9 @@ class Task:
     defaults: dict = {}
     #: the options a run records in its config (besides ``method`` and ``seed``)
     keys: tuple[str, ...] = ()
+    #: options recorded only when they differ from their default here, so that the config of a run without
+    #: them (and the resume check of runs written before they existed) stays as it was
+    optional: dict = {}
     #: the methods of ``maxup compare`` without ``--methods``
     default_methods: tuple[str, ...] = ()
     #: the final metrics a comparison summarises (mean and sd over seeds)
@@ -73,6 +76,8 @@ class Task:
         :meth:`method`) and the ``seed``."""
         config = {k: getattr(args, k) for k in self.keys}
         config["model_opt"] = dict(config["model_opt"] or {})
+        config.update({k: getattr(args, k) for k, default in self.optional.items()
+                       if getattr(args, k, default) != default})
         config["method"] = method
         config["seed"] = seed
         return config
@@ -120,19 +125,29 @@ class ImageTask(Task):
     keys = ("dataset", "data_dir", "model", "model_opt", "epochs", "batch_size", "optimizer", "lr", "momentum",
             "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
             "max_grad_norm", "device", "compile", "channels_last", "tf32")
+    #: noisy labels, long tails and the sampler (:func:`maxup.cli.options.add_noise_options`)
+    optional = {"label_noise": 0.0, "noise_type": None, "noise_map": None, "noisy_labels": None, "imbalance": None,
+                "class_sampler": "instance"}
     #: the main job's methods: two augmentations that suit 8x8 digits (a one-pixel shift, pixel noise), MaxUp
     #: over each, and Mixup
     default_methods = ("erm", "cropflip(padding=1, flip=0)", "maxup(m=4)+cropflip(padding=1, flip=0)",
                        "gaussian(sigma=0.5)", "maxup(m=4)+gaussian(sigma=0.5)", "mixup")
     #: test, and the clean training set (convergence)
     summary_keys = ("test_accuracy", "test_loss", "test_ece", "clean_train_accuracy", "clean_train_loss",
-                    "val_accuracy", "ema_test_accuracy", "ema_val_accuracy", "swa_test_accuracy", "swa_val_accuracy")
+                    "val_accuracy", "ema_test_accuracy", "ema_val_accuracy", "swa_test_accuracy", "swa_val_accuracy",
+                    "noisy_memorised", "noisy_true_accuracy", "test_many_accuracy", "test_medium_accuracy",
+                    "test_few_accuracy")
     columns = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("valid accuracy (%)", "val_accuracy", 100.0, 2),
                ("EMA test accuracy (%)", "ema_test_accuracy", 100.0, 2),
                ("SWA test accuracy (%)", "swa_test_accuracy", 100.0, 2),
                ("clean train accuracy (%)", "clean_train_accuracy", 100.0, 2),
                ("train-test gap (points)", "gap", 100.0, 2), ("test loss", "test_loss", 1.0, 4),
-               ("ECE (%)", "test_ece", 100.0, 2))
+               ("ECE (%)", "test_ece", 100.0, 2),
+               ("noisy labels memorised (%)", "noisy_memorised", 100.0, 2),
+               ("noisy samples, true label (%)", "noisy_true_accuracy", 100.0, 2),
+               ("many-shot test (%)", "test_many_accuracy", 100.0, 2),
+               ("medium-shot test (%)", "test_medium_accuracy", 100.0, 2),
+               ("few-shot test (%)", "test_few_accuracy", 100.0, 2))
     title = "maxup compare"
     plot = {}  # the defaults: test accuracy
 
@@ -143,7 +158,10 @@ class ImageTask(Task):
     def load(self, config: Mapping):
         return load_dataset(config["dataset"], data_dir=config["data_dir"], val_size=config["val_size"],
                             train_size=config["train_size"], test_size=config["test_size"],
-                            normalize=config["normalize"], seed=config["seed"])
+                            normalize=config["normalize"], seed=config["seed"],
+                            label_noise=config.get("label_noise", 0.0), noise_type=config.get("noise_type"),
+                            noise_map=config.get("noise_map"), imbalance=config.get("imbalance"),
+                            noisy_labels=label_file(config.get("noisy_labels"), config["data_dir"]))
 
     def model(self, config: Mapping, splits) -> torch.nn.Module:
         return create_model(config["model"], input_shape=splits.input_shape, num_classes=splits.num_classes,
@@ -154,7 +172,8 @@ class ImageTask(Task):
                 + f", model {args.model}" + (f" {dict(args.model_opt)}" if args.model_opt else "")
                 + f", {args.epochs} epochs (unless METHOD@epochs=N), batch {args.batch_size}, {args.optimizer} "
                 f"lr {args.lr} weight decay {args.weight_decay}, "
-                f"seeds 0..{args.seeds - 1}" + (f", validation split {args.val_size}" if args.val_size else ""))
+                f"seeds 0..{args.seeds - 1}" + (f", validation split {args.val_size}" if args.val_size else "")
+                + noise_budget(args))
 
     def describe(self, label: str, seed: int, last: dict) -> str:
         return (f"{label} seed {seed}: test acc {100 * last['test_accuracy']:.2f}%, clean train acc "
@@ -165,6 +184,32 @@ class ImageTask(Task):
         print(f"{config['method']} on {config['dataset']}, epoch {last['epoch']}: {_fmt(last, 'test')}"
               + (f"  (clean train accuracy {last['clean_train_accuracy']:.4f})" if "clean_train_accuracy" in last
                  else ""))
+
+
+def label_file(path, data_dir) -> str | None:
+    """``--noisy-labels``: the path as given, or beside the data (in ``--data-dir``) when a relative path is not
+    found from the working directory."""
+    if path is None or Path(path).is_absolute() or Path(path).exists() or data_dir is None:
+        return path
+    beside = Path(data_dir) / path
+    return str(beside) if beside.exists() else path
+
+
+def noise_budget(args) -> str:
+    """The noisy-label and long-tail settings in a comparison's budget line ("" when none is set, so that the
+    budget of a comparison without them is the one it always was)."""
+    parts = []
+    rate = getattr(args, "label_noise", 0.0)
+    if rate:
+        kind = args.noise_type or ("asymmetric" if args.noise_map else "symmetric")
+        parts.append(f"label noise {rate:g} {kind}" + (f" map {args.noise_map}" if args.noise_map else ""))
+    if getattr(args, "noisy_labels", None):
+        parts.append(f"noisy labels from {args.noisy_labels}")
+    if getattr(args, "imbalance", None) is not None:
+        parts.append(f"long tail ratio {args.imbalance:g}")
+    if getattr(args, "class_sampler", "instance") != "instance":
+        parts.append(f"{args.class_sampler} sampler")
+    return "".join(f", {p}" for p in parts)
 
 
 def corpus_folder(corpus: str) -> Path:
@@ -208,6 +253,10 @@ class LMTask(Task):
     data_per_seed = False
 
     def config(self, args, method: str, seed: int) -> dict:
+        image_only = [k for k, default in ImageTask.optional.items() if getattr(args, k, default) != default]
+        if image_only:
+            raise ValueError(f"--{image_only[0].replace('_', '-')} is an option of image classification, not of "
+                             "--task lm")
         return {"task": self.name, **super().config(args, method, seed)}
 
     def load(self, config: Mapping):
@@ -247,4 +296,4 @@ def get_task(name: str) -> Task:
 
 def task_option_keys() -> tuple[str, ...]:
     """Every option some task records, in task order (the keys a suite may set beside ``methods`` and ``seeds``)."""
-    return tuple(dict.fromkeys(k for t in TASKS.values() for k in t.keys))
+    return tuple(dict.fromkeys(k for t in TASKS.values() for k in (*t.keys, *t.optional)))

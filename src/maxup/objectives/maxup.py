@@ -67,6 +67,9 @@ class MaxUp(Objective):
     >>> result = objective(model, x, y)          # result.loss.backward()
     """
 
+    #: ``maxup tune`` searches the copies (cost grows with m) and the temperature (0: the paper's hard max)
+    search_space = {"m": (2, 8, "int"), "temperature": [0.0, 0.1, 0.5, 2.0]}
+
     def __init__(self, augment: Augmentation, m: int = 4, *, temperature: float = 0.0, include_clean: bool = False,
                  warmup_steps: int = 0, mode: str | None = None, select_batch_size: int | None = None,
                  score: str = "loss", select_amp: str | None = None):

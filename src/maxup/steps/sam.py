@@ -76,6 +76,7 @@ def _chunks(x, y, k: int):
 @register("sam", "SAM: the gradient at w + rho g/||g||, applied at w (two passes per step); wraps any step "
           "('sam+gradaug': SAM on the GradAug loss)")
 @register("asam", "ASAM: SAM in the scale-invariant ball T = |w| + eta (rho 0.5)", rho=0.5, adaptive=True,
+          search_space={"rho": (0.1, 2.0, "log")},
           hidden=("adaptive",))
 class SharpnessAware(Step):
     """Sharpness-aware minimization (Foret et al. 2021) around any step; ASAM with ``adaptive=True``.
@@ -113,6 +114,7 @@ class SharpnessAware(Step):
 
     kind = "wrapper"
     filled = ("step", "optimizer", "model", "num_classes", "max_grad_norm", "amp")
+    search_space = {"rho": (0.01, 0.5, "log")}  # SAM's; asam registers its own (rho 0.1..2)
 
     def __init__(self, step: Step | Objective, optimizer: torch.optim.Optimizer | None = None, *, rho: float = 0.05,
                  adaptive: bool = False, eta: float = 0.01, weights_only: bool = False, interval: int = 1,
