@@ -38,9 +38,9 @@ from .._checks import check_positive
 from .._modules import local
 from ..functional import soft_cross_entropy, soft_targets
 from ..functional.attacks import check_attack, pgd
-from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, augmented, frozen_buffers, plain
+from ..objectives import ERM, Objective, ObjectiveResult, augmented, frozen_buffers, plain
 from ..registry import register
-from .base import Step
+from .base import Step, check_rows_objective
 
 __all__ = ["LOSSES", "Adversarial", "AdversarialResult", "eval_mode", "trades_rows"]
 
@@ -128,14 +128,7 @@ class Adversarial(Step):
                              "gradient is zero at x_adv = x, so an attack started at x never moves")
         self.loss = loss
         self.beta = check_positive("beta", beta, allow_zero=True)
-        objective = ERM() if objective is None else objective
-        augment = getattr(objective, "augment", None)
-        if getattr(augment, "context", None):
-            raise ValueError(f"{type(augment).__name__} acts inside the model's forward; adv attacks the inputs "
-                             "without it: use it alone, under sam or with gradaug")
-        if isinstance(objective, MaxUp) and objective.mode != "select":
-            raise ValueError("adv attacks the rows the objective trains on, one per sample: use MaxUp in select mode "
-                             "(temperature 0) or ERM")
+        objective = check_rows_objective(objective, "adv", "attacks")
         super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
 
     def __repr__(self) -> str:

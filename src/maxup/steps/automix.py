@@ -59,8 +59,8 @@ from ..functional import _random as R
 from ..functional import soft_cross_entropy
 from ..objectives import Objective, ObjectiveResult
 from ..registry import register
-from .base import Step, no_sync, scaled
-from .mixupe import check_rows_objective, training_rows
+from .base import Step, check_rows_objective, no_sync, scaled
+from .mixupe import training_rows
 
 __all__ = ["UPSAMPLING", "AutoMix", "AutoMixResult", "MixBlock", "SAMix", "adjust_mask", "eta_balanced_loss",
            "mask_loss", "mix_with_mask", "rescale_lam"]

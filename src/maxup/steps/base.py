@@ -9,10 +9,10 @@ import math
 import torch
 
 from .._modules import ddp
-from ..objectives import Objective, ObjectiveResult
+from ..objectives import ERM, MaxUp, Objective, ObjectiveResult
 from ..registry import Traits
 
-__all__ = ["AMP_MODES", "Standard", "Step", "no_sync", "scaled"]
+__all__ = ["AMP_MODES", "Standard", "Step", "check_rows_objective", "no_sync", "scaled"]
 
 AMP_MODES = (None, "bf16", "fp16")
 
@@ -155,6 +155,23 @@ class Standard(Step):
     ...                 torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
     >>> result = step(model, x, y)
     """
+
+
+def check_rows_objective(objective: Objective | None, name: str, verb: str = "mixes") -> Objective:
+    """``objective`` (``ERM()`` when None) if the rows it trains on can be taken one per sample, without a
+    forward context: what a step that mixes or attacks those rows again needs; a ValueError naming ``name``
+    (the step) otherwise."""
+    objective = ERM() if objective is None else objective
+    augment = getattr(objective, "augment", None)
+    if getattr(augment, "context", None):
+        raise ValueError(f"{type(augment).__name__} acts inside the model's forward; {name} {verb} the rows the "
+                         "objective trains on without it: use it alone or under sam")
+    if isinstance(objective, MaxUp) and objective.mode != "select":
+        raise ValueError(f"{name} {verb} the rows the objective trains on, one per sample: use MaxUp in select mode "
+                         "(temperature 0) or ERM")
+    if not isinstance(objective, (ERM, MaxUp)):
+        raise ValueError(f"objective must be maxup.ERM or maxup.MaxUp for {name}, got {type(objective).__name__}")
+    return objective
 
 
 def no_sync(model, skip: bool):

@@ -44,10 +44,10 @@ from .._modules import local
 from ..augment import Compose, Mixup
 from ..functional import _random as R
 from ..functional import soft_cross_entropy
-from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, frozen_buffers
+from ..objectives import ERM, Objective, ObjectiveResult, frozen_buffers
 from ..optim import sam_perturbation
 from ..registry import register
-from .base import Standard, Step
+from .base import Standard, Step, check_rows_objective
 from .sam import SharpnessAware, perturbation
 
 __all__ = ["BGMix", "DGMix", "GMix", "SAMMixup", "SensitivityMixing", "bgmix", "bgmix_partition", "dgmix_weights",
@@ -191,9 +191,21 @@ def _with_mixup(objective: Objective, mixup: Mixup) -> Objective:
     return objective
 
 
+class _MixingUnderSAM(SharpnessAware):
+    """A step term that mixes the rows itself and runs SAM's two passes: the traits G-Mix, BG-Mix and DG-Mix share."""
+
+    kind = "step"
+    domain = "tensor"
+    random = True
+    mixes_rows = True
+    sharpness_aware = True
+    filled = Step.filled
+    from_spec = classmethod(Step.from_spec.__func__)
+
+
 @register("sam_mixup", "G-Mix (Li and Tang): SAM on the Mixup loss, Mixup after the spec's augmentations (for GMix, "
           "the Gaussian-mask augmentation of Park et al., see gmix)")
-class SAMMixup(SharpnessAware):
+class SAMMixup(_MixingUnderSAM):
     """G-Mix (Li and Tang 2023): SAM on the Mixup loss, the mixed batch drawn once for both passes.
 
     Args:
@@ -210,13 +222,6 @@ class SAMMixup(SharpnessAware):
     >>> result = step(model, x, y)
     """
 
-    kind = "step"
-    domain = "tensor"
-    random = True
-    mixes_rows = True
-    sharpness_aware = True
-    filled = Step.filled
-
     def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, alpha: float = 1.0,
                  num_classes: int | None = None, per_sample: bool = True, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.01, weights_only: bool = False, interval: int = 1, accumulation_steps: int = 1,
@@ -226,8 +231,6 @@ class SAMMixup(SharpnessAware):
         super().__init__(Standard(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp), rho=rho,
                          adaptive=adaptive, eta=eta, weights_only=weights_only, interval=interval,
                          accumulation_steps=accumulation_steps, sync_first=sync_first)
-
-    from_spec = classmethod(Step.from_spec.__func__)
 
     def __repr__(self) -> str:
         return f"SAMMixup({self.objective!r}, alpha={self.mixup.alpha}, rho={self.rho}, adaptive={self.adaptive})"
@@ -253,13 +256,7 @@ class SensitivityMixing(Step):
             raise ValueError(f"split must be one of {SPLITS[1:]} (BG-Mix, DG-Mix), got {split!r}")
         self.gamma = _check_gamma(gamma)
         self.mixup = Mixup(alpha, per_sample=per_sample, num_classes=num_classes)  # checks alpha, num_classes
-        objective = ERM() if objective is None else objective
-        if isinstance(objective, MaxUp) and objective.mode != "select":
-            raise ValueError("BG-Mix and DG-Mix mix the rows the objective trains on, one per example: use MaxUp "
-                             "in select mode (temperature 0) or ERM")
-        if getattr(getattr(objective, "augment", None), "context", None):
-            raise ValueError(f"{type(objective.augment).__name__} acts inside the model's forward; BG-Mix and DG-Mix "
-                             "mix the trained rows again without it: use it alone or under sam")
+        objective = check_rows_objective(objective, "BG-Mix and DG-Mix", "mix")
         super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
         self.split = split
         self.rho, self.adaptive, self.eta, self.weights_only = rho, adaptive, eta, weights_only
@@ -321,17 +318,10 @@ class SensitivityMixing(Step):
         return Objective.reevaluate(model, result)  # the rows built in evaluate
 
 
-class _SensitivitySAM(SharpnessAware):
+class _SensitivitySAM(_MixingUnderSAM):
     """BG-Mix / DG-Mix: :class:`SensitivityMixing` under SAM (the sensitivity uses SAM's own rho)."""
 
-    kind = "step"
-    domain = "tensor"
-    random = True
-    mixes_rows = True
-    sharpness_aware = True
-    filled = Step.filled
     split = ""
-    from_spec = classmethod(Step.from_spec.__func__)
 
     def __init__(self, objective: Objective | None, optimizer: torch.optim.Optimizer, *, gamma: float = 0.5,
                  alpha: float = 1.0, num_classes: int | None = None, per_sample: bool = True, rho: float = 0.05,

@@ -37,11 +37,11 @@ from .._checks import check_finite, check_positive
 from .._modules import local
 from ..functional import _random as R
 from ..functional import soft_cross_entropy, soft_targets
-from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, augmented, frozen_buffers
+from ..objectives import ERM, Objective, ObjectiveResult, augmented, frozen_buffers
 from ..registry import register
-from .base import Step
+from .base import Step, check_rows_objective
 
-__all__ = ["MixupE", "MixupEResult", "check_rows_objective", "combine_mixupe", "lam_prime_mean", "mixupe_term",
+__all__ = ["MixupE", "MixupEResult", "combine_mixupe", "lam_prime_mean", "mixupe_term",
            "training_rows"]
 
 
@@ -92,22 +92,6 @@ def combine_mixupe(mix_loss: torch.Tensor, term: torch.Tensor, eta: float, *, re
 
 
 # ---------------------------------------------------------------------------- the rows
-
-def check_rows_objective(objective: Objective | None, name: str) -> Objective:
-    """``objective`` (``ERM()`` when None) if the rows it trains on can be taken one per sample, without a
-    forward context; a ValueError naming ``name`` (the step) otherwise."""
-    objective = ERM() if objective is None else objective
-    augment = getattr(objective, "augment", None)
-    if getattr(augment, "context", None):
-        raise ValueError(f"{type(augment).__name__} acts inside the model's forward; {name} mixes the rows the "
-                         "objective trains on without it: use it alone or under sam")
-    if isinstance(objective, MaxUp) and objective.mode != "select":
-        raise ValueError(f"{name} mixes the rows the objective trains on, one per sample: use MaxUp in select mode "
-                         "(temperature 0) or ERM")
-    if not isinstance(objective, (ERM, MaxUp)):
-        raise ValueError(f"objective must be maxup.ERM or maxup.MaxUp for {name}, got {type(objective).__name__}")
-    return objective
-
 
 def training_rows(objective: Objective, model, x, y, generator=None,
                   num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

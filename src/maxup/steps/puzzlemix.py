@@ -37,10 +37,10 @@ from .._modules import local
 from ..functional import _random as R
 from ..functional import soft_targets
 from ..functional.puzzle import check_labels, gradient_saliency, puzzle_mix, valid_grids
-from ..objectives import ERM, MaxUp, Objective, ObjectiveResult, augmented, frozen_buffers, plain
+from ..objectives import ERM, Objective, ObjectiveResult, augmented, frozen_buffers, plain
 from ..registry import register
 from .adversarial import eval_mode
-from .base import Step
+from .base import Step, check_rows_objective
 
 __all__ = ["NOT_AN_AUGMENTATION", "PuzzleDraw", "PuzzleMix"]
 
@@ -124,14 +124,7 @@ class PuzzleMix(Step):
             raise ValueError(f"per_sample must be true or false, got {per_sample!r}")
         self.per_sample = per_sample
         self.num_classes = None if num_classes is None else check_int("num_classes", num_classes)
-        objective = ERM() if objective is None else objective
-        augment = getattr(objective, "augment", None)
-        if getattr(augment, "context", None):
-            raise ValueError(f"{type(augment).__name__} acts inside the model's forward; puzzlemix mixes the input "
-                             "rows without it: use it alone, under sam or with gradaug")
-        if isinstance(objective, MaxUp) and objective.mode != "select":
-            raise ValueError("puzzlemix mixes the rows the objective trains on, one per sample: use MaxUp in select "
-                             "mode (temperature 0) or ERM")
+        objective = check_rows_objective(objective, "puzzlemix")
         super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
         self.last_draw: PuzzleDraw | None = None
 
