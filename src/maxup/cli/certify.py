@@ -25,7 +25,7 @@ from ..models import create_model
 from ..train.checkpoint import atomic_write_text, list_checkpoints
 from ..train.distributed import resolve_device
 from .files import check_out, read_yaml
-from .options import COUNT, POSITIVE, POSITIVE_INT, add_force_option, slug
+from .options import POSITIVE, POSITIVE_INT, add_evaluation_options, slug
 
 RADIUS_STEP = 0.25
 POINTS_DIR = "points"
@@ -59,15 +59,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="noisy copies per forward pass; results do not depend on it (default: 1000)")
     p.add_argument("--radii", type=_radii_arg, default=None,
                    help="comma-separated radii for the table (default: 0, 0.25, ... up to max(1, 4 sigma))")
-    p.add_argument("--seed", type=COUNT, default=0, help="noise seed; each test point has its own stream (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--data-dir", default=None, help="where the dataset files are, if not where the run read them")
-    p.add_argument("--out", default="runs/certify", help="output directory (default: runs/certify)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the points already certified in --out with the same settings and continue")
-    add_force_option(p)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when attached to a terminal)")
+    add_evaluation_options(p, seed="noise seed; each test point has its own stream", out="runs/certify",
+                           done="points certified")
     p.set_defaults(func=certify)
     return p
 

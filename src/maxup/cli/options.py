@@ -252,3 +252,17 @@ def add_force_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="write into a non-empty --out that holds other files or an "
                                                         "earlier run, replacing that run's files (its checkpoints are "
                                                         "deleted)")
+
+
+def add_evaluation_options(p: argparse.ArgumentParser, *, seed: str, out: str, done: str) -> None:
+    """The options ``certify`` and ``robust`` share: the seed (``seed`` says of what), device, data folder,
+    ``--out`` (default ``out``), ``--resume`` (keeping the ``done`` results), ``--force`` and the progress bar."""
+    p.add_argument("--seed", type=COUNT, default=0, help=f"{seed} (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--data-dir", default=None, help="where the dataset files are, if not where the run read them")
+    p.add_argument("--out", default=out, help=f"output directory (default: {out})")
+    p.add_argument("--resume", action="store_true",
+                   help=f"keep the {done} already in --out with the same settings and continue")
+    add_force_option(p)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")

@@ -25,7 +25,7 @@ from ..train.checkpoint import atomic_write_text
 from ..train.distributed import resolve_device
 from .certify import load_run, read_points, read_run, write_points
 from .files import check_out
-from .options import COUNT, POSITIVE, POSITIVE_INT, add_force_option, slug
+from .options import POSITIVE, POSITIVE_INT, add_evaluation_options, slug
 
 POINTS_DIR = "points"
 DEFAULT_EPS = "0.05,0.1,0.2"
@@ -64,15 +64,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=POSITIVE_INT, default=1000, help="attack the first N test examples (default: 1000)")
     p.add_argument("--batch-size", type=POSITIVE_INT, default=500,
                    help="examples attacked at once; the random starts depend on it (default: 500)")
-    p.add_argument("--seed", type=COUNT, default=0, help="seed of the random starts (default: 0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--data-dir", default=None, help="where the dataset files are, if not where the run read them")
-    p.add_argument("--out", default="runs/robust", help="output directory (default: runs/robust)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the radii already evaluated in --out with the same settings and continue")
-    add_force_option(p)
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: when stderr is a terminal)")
+    add_evaluation_options(p, seed="seed of the random starts", out="runs/robust", done="radii evaluated")
     p.set_defaults(func=robust)
     return p
 
