@@ -31,14 +31,21 @@ RADIUS_STEP = 0.25
 POINTS_DIR = "points"
 
 
-def _radii_arg(text: str) -> list[float]:
+def radii_list(text: str, example: str) -> list[float]:
+    """Comma-separated radii (``example`` shows the form), sorted and without duplicates (possibly none); an
+    argparse error when one is not a number."""
     try:
         radii = [float(v) for v in M.split_outside(text, ",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated radii such as 0,0.25,0.5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated radii such as {example}, got {text!r}") from None
+    return sorted(set(radii))
+
+
+def _radii_arg(text: str) -> list[float]:
+    radii = radii_list(text, "0,0.25,0.5")
     if not radii or any(r < 0 for r in radii):
         raise argparse.ArgumentTypeError(f"radii must be >= 0, got {text!r}")
-    return sorted(set(radii))
+    return radii
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -158,6 +165,19 @@ def input_space(splits) -> tuple[str, float]:
 # ------------------------------------------------------------------------------------------ point logs
 
 
+def point_logs(args, runs: list[Path], *, what: str, result: str) -> list[Path]:
+    """The per-run logs ``--out/points/<run>.jsonl`` of an evaluation that ``--resume`` continues, after
+    checking ``--out`` (it may hold only such results, ``result`` or the points); ``--force`` clears them."""
+    out = Path(args.out)
+    logs = [out / POINTS_DIR / f"{slug(str(r), keep='=.-')}.jsonl" for r in runs]
+    check_out(out, resume=args.resume, force=args.force, what=what,
+              holds=lambda o: (o / result).is_file() or (o / POINTS_DIR).is_dir())
+    if args.force:
+        for log in logs:
+            log.unlink(missing_ok=True)
+    return logs
+
+
 def read_points(path: Path, header: dict) -> list[dict]:
     """The records of an earlier ``certify`` of the same run with the same settings (a prefix 0..k-1)."""
     if not path.is_file():
@@ -268,13 +288,7 @@ def certify(args) -> list[dict]:
                              "pass --sigma")
         sigmas.append(sigma)
     out = Path(args.out)
-    names = [slug(str(r), keep="=.-") for r in runs]
-    logs = [out / POINTS_DIR / f"{name}.jsonl" for name in names]
-    check_out(out, resume=args.resume, force=args.force, what="certification results",
-              holds=lambda o: (o / "certify.json").is_file() or (o / POINTS_DIR).is_dir())
-    if args.force:
-        for log in logs:
-            log.unlink(missing_ok=True)
+    logs = point_logs(args, runs, what="certification results", result="certify.json")
     device = resolve_device(args.device, name="--device")
     radii = args.radii or default_radii(sigmas)
     show = args.progress if args.progress is not None else sys.stderr.isatty()

@@ -18,29 +18,22 @@ import sys
 import time
 from pathlib import Path
 
-from .. import methods as M
 from ..functional.attacks import NORMS, check_attack
 from ..robust import Standardized, robust_accuracy, to_pixels
 from ..train.checkpoint import atomic_write_text
 from ..train.distributed import resolve_device
-from .certify import load_run, read_points, read_run, write_points
-from .files import check_out
-from .options import POSITIVE, POSITIVE_INT, add_evaluation_options, slug
+from .certify import load_run, point_logs, radii_list, read_points, read_run, write_points
+from .options import POSITIVE, POSITIVE_INT, add_evaluation_options
 
-POINTS_DIR = "points"
 DEFAULT_EPS = "0.05,0.1,0.2"
 
 
 def eps_arg(text: str) -> list[float]:
     """``--eps``: comma-separated radii >= 0, such as ``0.05,0.1,0.2`` (sorted, duplicates dropped)."""
-    try:
-        values = [float(v) for v in M.split_outside(text, ",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated radii such as {DEFAULT_EPS}, "
-                                         f"got {text!r}") from None
+    values = radii_list(text, DEFAULT_EPS)
     if not values or any(not (v >= 0 and v < float("inf")) for v in values):
         raise argparse.ArgumentTypeError(f"radii must be finite numbers >= 0, got {text!r}")
-    return sorted(set(values))
+    return values
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -124,12 +117,7 @@ def robust(args) -> list[dict]:
         check_attack(eps, args.norm, args.steps, args.step_size, args.random_start)
     configs = [read_run(r) for r in runs]  # every run checked before any is attacked
     out = Path(args.out)
-    logs = [out / POINTS_DIR / f"{slug(str(r), keep='=.-')}.jsonl" for r in runs]
-    check_out(out, resume=args.resume, force=args.force, what="robustness results",
-              holds=lambda o: (o / "robust.json").is_file() or (o / POINTS_DIR).is_dir())
-    if args.force:
-        for log in logs:
-            log.unlink(missing_ok=True)
+    logs = point_logs(args, runs, what="robustness results", result="robust.json")
     device = resolve_device(args.device, name="--device")
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     attack = {"norm": args.norm, "steps": args.steps, "step_size": args.step_size, "random_start": args.random_start}
