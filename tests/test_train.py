@@ -652,3 +652,17 @@ def test_kill_during_the_checkpoint_write_loses_nothing(tmp_path):
     history = make_trainer(killed).fit(resume=True)
     assert untimed(history) == untimed(make_trainer(tmp_path / "whole").fit())
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["epoch-0003.pt", "epoch-0004.pt"]
+
+
+def test_eval_every_evaluates_every_kth_and_last_epoch_without_changing_training(tmp_path):
+    every = make_trainer(None, epochs=5).fit()
+    sparse_trainer = make_trainer(tmp_path / "run", epochs=5, eval_every=3)
+    sparse = sparse_trainer.fit()
+    assert [r["epoch"] for r in sparse if "test_accuracy" in r] == [3, 5]
+    for a, b in zip(untimed(every), untimed(sparse), strict=True):  # the same training, fewer evaluations
+        assert {k: v for k, v in a.items() if k in b} == b
+    assert sparse_trainer.resolved_config()["trainer"]["eval_every"] == 3
+    # a resume may change it (it changes no weight)
+    assert make_trainer(tmp_path / "run", epochs=6, eval_every=1).fit(resume=True)[-1]["epoch"] == 6
+    with pytest.raises(ValueError, match="eval_every"):
+        make_trainer(None, eval_every=0)

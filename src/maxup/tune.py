@@ -458,15 +458,16 @@ def spent(study) -> int:
                if t.state in (state.COMPLETE, state.PRUNED) or t.state == state.FAIL and "error" in t.user_attrs)
 
 
-def score(record: dict, spec: M.Spec, metric: str = "val_accuracy") -> float:
+def score(record: dict, spec: M.Spec, metric: str = "val_accuracy") -> float | None:
     """The value a trial is judged by in an epoch's ``record``: ``metric``, of the weight average when the spec
-    keeps one (``ema_val_accuracy``) and it was evaluated that epoch."""
+    keeps one (``ema_val_accuracy``) and it was evaluated that epoch; None in an epoch without evaluation
+    (``--eval-every``)."""
     average = spec.of_kind("average")
     if average:
         key = f"{average[0].entry.cls.prefix}_{metric}"
         if key in record:
             return float(record[key])
-    return float(record[metric])
+    return float(record[metric]) if metric in record else None
 
 
 def _same_spec(trial, spec: str):
@@ -526,6 +527,8 @@ def run_search(cands: list[Candidate], train_fn: Callable, *, study, epochs: int
 
         def on_epoch(record: dict) -> None:
             value = score(record, spec, metric)
+            if value is None:  # not evaluated this epoch
+                return
             trial.report(value, int(record["epoch"]))
             if not reference and trial.should_prune():
                 trial.set_user_attr("epochs", int(record["epoch"]))

@@ -228,6 +228,9 @@ def add_optim_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                    help="mixed precision (bf16 on CPU/GPU, fp16 on GPU)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--eval-every", type=POSITIVE_INT, default=1, metavar="K",
+                   help="evaluate the validation and test sets every K epochs and after the last (default: 1); "
+                        "on a CPU a large test set can cost more than a short epoch")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when attached to a terminal)")
 

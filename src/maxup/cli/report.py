@@ -37,8 +37,9 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
                 stats(key, [f[key] for f in finals])
         if all("clean_train_accuracy" in f and "test_accuracy" in f for f in finals):
             stats("gap", [f["clean_train_accuracy"] - f["test_accuracy"] for f in finals])
-        if all("val_perplexity" in e for h in runs for e in h):
-            best = [min(h, key=lambda e: e["val_perplexity"]) for h in runs]
+        evaluated = [[e for e in h if "val_perplexity" in e] for h in runs]  # every epoch, or --eval-every's
+        if all(evaluated):
+            best = [min(h, key=lambda e: e["val_perplexity"]) for h in evaluated]
             stats("best_val_epoch", [e["epoch"] for e in best])
             stats("test_perplexity_at_best_val", [e["test_perplexity"] for e in best])
         if all("test_class_accuracy" in f and "train_class_counts" in f for f in finals):  # long-tailed runs
@@ -144,10 +145,12 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
     ax1.set_ylim(max(0.0, lo - 0.05 * (hi - lo) - 1e-9), top)
     ax1.set_ylabel(f"final {label}, mean ± sd over seeds")
     for method, runs in results.items():
-        curves = torch.tensor([[scale * float(e[curve_key]) for e in h] for h in runs], dtype=torch.float64)
+        # the epochs every seed evaluated (all of them, or every --eval-every and the last)
+        epochs = sorted(set.intersection(*({e["epoch"] for e in h if curve_key in e} for h in runs)))
+        curves = torch.tensor([[scale * float(e[curve_key]) for e in h if e["epoch"] in epochs] for h in runs],
+                              dtype=torch.float64)
         mean = curves.mean(0)
         sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
-        epochs = range(1, len(mean) + 1)
         ax2.plot(epochs, mean, label=method, marker="o" if len(mean) < 3 else None)  # one epoch: a point
         ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
     ax2.set_xlabel("epoch")

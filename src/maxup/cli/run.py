@@ -63,7 +63,7 @@ def run(task: Task, config: dict, *, out_dir=None, resume: bool = False, progres
                progress=progress, resume=resume, config=config, compile=config.get("compile", False),
                channels_last=config.get("channels_last", False), tf32=config.get("tf32", True),
                log_tensorboard=tensorboard, on_epoch=on_epoch, sampler=config.get("class_sampler", "instance"),
-               class_metrics=config.get("imbalance") is not None)
+               class_metrics=config.get("imbalance") is not None, eval_every=config.get("eval_every", 1))
 
 
 def train(args) -> list[dict]:

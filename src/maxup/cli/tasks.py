@@ -37,7 +37,7 @@ class Task:
     keys: tuple[str, ...] = ()
     #: options recorded only when they differ from their default here, so that the config of a run without
     #: them (and the resume check of runs written before they existed) stays as it was
-    optional: dict = {}
+    optional: dict = {"eval_every": 1}
     #: the methods of ``maxup compare`` without ``--methods``
     default_methods: tuple[str, ...] = ()
     #: the final metrics a comparison summarises (mean and sd over seeds)
@@ -126,8 +126,8 @@ class ImageTask(Task):
             "weight_decay", "warmup_epochs", "train_size", "val_size", "test_size", "normalize", "amp",
             "max_grad_norm", "device", "compile", "channels_last", "tf32")
     #: noisy labels, long tails and the sampler (:func:`maxup.cli.options.add_noise_options`)
-    optional = {"label_noise": 0.0, "noise_type": None, "noise_map": None, "noisy_labels": None, "imbalance": None,
-                "class_sampler": "instance"}
+    optional = {**Task.optional, "label_noise": 0.0, "noise_type": None, "noise_map": None, "noisy_labels": None,
+                "imbalance": None, "class_sampler": "instance"}
     #: the main job's methods: two augmentations that suit 8x8 digits (a one-pixel shift, pixel noise), MaxUp
     #: over each, and Mixup
     default_methods = ("erm", "cropflip(padding=1, flip=0)", "maxup(m=4)+cropflip(padding=1, flip=0)",
@@ -253,7 +253,8 @@ class LMTask(Task):
     data_per_seed = False
 
     def config(self, args, method: str, seed: int) -> dict:
-        image_only = [k for k, default in ImageTask.optional.items() if getattr(args, k, default) != default]
+        image_only = [k for k, default in ImageTask.optional.items()
+                      if k not in Task.optional and getattr(args, k, default) != default]
         if image_only:
             raise ValueError(f"--{image_only[0].replace('_', '-')} is an option of image classification, not of "
                              "--task lm")

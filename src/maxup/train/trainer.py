@@ -48,7 +48,7 @@ from .speed import compile_model, configure_backends
 TIMING_KEYS = ("time", "train_time", "samples_per_s")
 #: ``config`` entries a resume may change: more epochs (recorded under ``resumed`` in config.yaml), and
 #: where the data lives and which device trains (they do not change the run's numbers on CPU)
-RESUMABLE = ("epochs", "data_dir", "device")
+RESUMABLE = ("epochs", "data_dir", "device", "eval_every")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -198,6 +198,9 @@ class Trainer:
         sampler: the training order: ``"instance"`` (default), ``"class"``, ``"sqrt"``, ``"reversed"`` or an
             exponent (:mod:`maxup.data.sampling`).
         class_metrics: per-class and many/medium/few-shot accuracy on val and test (long-tailed training data).
+        eval_every: evaluate val and test (and the weight average, and the memorisation of noisy labels) every
+            this many epochs and after the last; the other epochs' records hold the training metrics only. On a
+            CPU, evaluating 10,000 test images can take longer than an epoch over a small training set.
         on_epoch: called on every process with each epoch's history record, after it is logged and
             checkpointed. It observes; an exception it raises stops :meth:`fit` (the files are closed and the
             checkpoints kept): ``maxup tune`` raises ``optuna.TrialPruned`` there to stop a weak trial early.
@@ -213,7 +216,7 @@ class Trainer:
                  config: dict | None = None, progress: bool | None = None, num_classes: int,
                  log_tensorboard: bool = False, check_every: int = 50, compile: bool | str = False,
                  channels_last: bool = False, tf32: bool = True, average=None, on_epoch=None, sampler="instance",
-                 class_metrics: bool = False):
+                 class_metrics: bool = False, eval_every: int = 1):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = getattr(step, "optimizer", None)
@@ -230,6 +233,7 @@ class Trainer:
         self.checkpoint_every = check_int("checkpoint_every", checkpoint_every)
         self.num_classes = check_int("num_classes", num_classes)
         self.check_every = check_int("check_every", check_every)
+        self.eval_every = check_int("eval_every", eval_every)
         for name, flag in (("channels_last", channels_last), ("tf32", tf32)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -460,11 +464,15 @@ class Trainer:
             "train_loss": loss_sum / count,
             "train_accuracy": correct / rows,
         }
-        eval_batch = max(512, self.batch_size)
-        models = [("", self.module)]
+        last = epoch + 1 == self.epochs
+        evaluating = last or (epoch + 1) % self.eval_every == 0
+        # batches of 128 evaluate faster than larger ones on a CPU (docs/BENCHMARKS.md)
+        eval_batch = max(512 if self.device.type == "cuda" else 128, self.batch_size)
+        models = [("", self.module)] if evaluating else []
         if self.average is not None:
             self.average.after_epoch(self.module, epoch + 1)
-            averaged = self.average.averaged(self.train_data, device=self.device, batch_size=eval_batch)
+            averaged = None if not evaluating else \
+                self.average.averaged(self.train_data, device=self.device, batch_size=max(512, self.batch_size))
             if averaged is not None:
                 models.append((f"{self.average.prefix}_", averaged))
         for prefix, model in models:
@@ -475,10 +483,10 @@ class Trainer:
                     if self.class_metrics:
                         metrics = class_metrics(metrics, self.train_class_counts, self.shot_thresholds)
                     record.update({f"{prefix}{name}_{k}": v for k, v in metrics.items()})
-        if self.noisy_index is not None:  # memorisation of the flipped labels
+        if self.noisy_index is not None and evaluating:  # memorisation of the flipped labels
             record.update(memorisation(self.module, self.train_data, batch_size=eval_batch, device=self.device,
                                        index=self.noisy_index))
-        if epoch + 1 == self.epochs:  # convergence: the clean training set, eval mode, no augmentation
+        if last:  # convergence: the clean training set, eval mode, no augmentation
             metrics = evaluate(self.module, self.train_data, batch_size=eval_batch, device=self.device,
                                num_classes=self.num_classes)
             record.update({f"clean_train_{k}": v for k, v in metrics.items()})
@@ -668,6 +676,7 @@ class Trainer:
             "scheduler": None if self.scheduler is None else type(self.scheduler).__name__,
             "keep_checkpoints": self.keep_checkpoints,
             "checkpoint_every": self.checkpoint_every,
+            **({"eval_every": self.eval_every} if self.eval_every != 1 else {}),
             "torch": torch.__version__,
             "compile": self.compile,
             "channels_last": self.channels_last,
