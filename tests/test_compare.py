@@ -93,6 +93,10 @@ def test_report_summarises_the_finished_runs_and_names_the_rest(tmp_path, capsys
     first = json.loads((out / "results.json").read_text())
     assert main(argv + ["--report"]) == 0  # everything finished: the same summary, nothing trained
     assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]
+    capsys.readouterr()
+    assert main(argv + ["--lr", "0.1", "--report"]) == 2  # runs trained otherwise are not reported as these
+    assert "other settings: lr 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(argv + ["--eval-every", "2", "--report"]) == 0  # how often it evaluated changes no number
     (out / "cutout" / "seed-1" / "metrics.jsonl").unlink()
     assert main(argv + ["--report"]) == 0  # the run is still recorded in results.json
     assert json.loads((out / "results.json").read_text())["summary"] == first["summary"]

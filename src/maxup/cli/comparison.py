@@ -18,6 +18,7 @@ from pathlib import Path
 from .._checks import check_int
 from ..methods import split_outside
 from ..train import list_checkpoints
+from ..train.logs import plain
 from .files import check_out, clear_checkpoints, holds_comparison, read_yaml
 from .options import (
     IMBALANCE,
@@ -201,7 +202,7 @@ def run_comparison(task: Task, args, specs: list[str], budget: str, data=None):
         todo = []
         for spec, seed, config, run_dir in runs:
             history = None if args.resume and list_checkpoints(run_dir / "checkpoints") else \
-                finished_history(run_dir, config["epochs"])
+                finished_history(run_dir, config)
             history = history or recorded.get((spec, seed))
             if history is not None and len(history) == config["epochs"]:
                 done(spec, seed, history)
@@ -260,13 +261,30 @@ def recorded_runs(out: Path, budget: str) -> dict[tuple[str, int], list[dict]]:
         return {}
 
 
-def finished_history(run_dir: Path, epochs: int) -> list[dict] | None:
-    """The history in ``run_dir/metrics.jsonl`` when the run finished its ``epochs``, else None."""
+#: settings a finished run may have been trained with otherwise and still be reused (they change no result)
+FREE_KEYS = ("data_dir", "device", "eval_every", "compile", "channels_last", "tf32")
+
+
+def finished_history(run_dir: Path, config: dict) -> list[dict] | None:
+    """The history in ``run_dir/metrics.jsonl`` when the run finished its ``config["epochs"]``, else None. A run
+    whose ``config.yaml`` records other settings than ``config`` (besides :data:`FREE_KEYS`) is an error naming
+    them: its numbers would be reported as this comparison's."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
     history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return history if len(history) == epochs and history[-1].get("epoch") == epochs else None
+    if not (len(history) == config["epochs"] and history[-1].get("epoch") == config["epochs"]):
+        return None
+    saved_path = Path(run_dir) / "config.yaml"
+    saved = read_yaml(saved_path, f"the settings of {run_dir}") if saved_path.is_file() else None
+    if isinstance(saved, dict):
+        now, missing = plain(config), "(not set)"
+        changed = [f"{k} {saved.get(k, missing)!r} -> {now[k]!r}" for k in now
+                   if k not in FREE_KEYS and saved.get(k, missing) != now[k]]
+        if changed:
+            raise ValueError(f"{run_dir} holds a finished run with other settings: {', '.join(changed)}. Give the "
+                             "options it was trained with, or another --out")
+    return history
 
 
 # ------------------------------------------------------------------------------------------ the command

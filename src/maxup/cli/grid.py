@@ -356,7 +356,7 @@ def gather(study, specs: list[str], seeds: int, out: Path) -> tuple[dict[str, li
             history = histories.get((spec, seed))
             if history is None and (spec, seed) in runs:
                 r = runs[(spec, seed)]
-                history = finished_history(out / r["dir"], r["config"]["epochs"])
+                history = finished_history(out / r["dir"], r["config"])
             results[spec][seed] = history
     missing = [f"{spec} seed {seed}" for spec, hs in results.items() for seed, h in enumerate(hs) if h is None]
     return {spec: [h for h in hs if h is not None] for spec, hs in results.items() if any(hs)}, missing
