@@ -255,3 +255,23 @@ def test_mixed_precision(digits):
     state = {}
     module.on_save_checkpoint(state)
     assert "scaler" in state[CHECKPOINT_KEY]["step"]
+
+
+def test_terms_that_read_the_training_set_and_follow_the_epochs(digits):
+    """train= reaches the long-tail terms; the Trainer's epochs reach CMO's schedule; bootstrap fits after each."""
+    train = (digits.train.x, digits.train.y)
+    module = MaxUpModule(net(), "cmo(start_epoch=1)+balanced_softmax", num_classes=10, train=train)
+    fit(module, digits, 8, val=False, max_epochs=2)
+    terms = {type(m).__name__: m for m in module.maxup_step.objective.augment.modules()}
+    assert (terms["CMO"].epoch, terms["CMO"].epochs) == (1, 2)  # the epoch hook ran at the start of each epoch
+    counts = torch.bincount(digits.train.y, minlength=10)
+    assert torch.equal(terms["BalancedSoftmax"].class_counts.cpu().long(), counts)
+
+    module = MaxUpModule(net(), "bootstrap(warmup_epochs=1, mixup=true)", num_classes=10, train=train)
+    fit(module, digits, 8, val=False, max_epochs=2)
+    assert module.maxup_step.epoch == 2 and module.maxup_step.last_fit is not None  # fitted after the warm-up
+
+    with pytest.raises(ValueError, match=r"pass train=\(x, y\)"):
+        fit(MaxUpModule(net(), "bootstrap", num_classes=10), digits, 4, val=False)
+    with pytest.raises(ValueError, match="max_epochs"):
+        fit(MaxUpModule(net(), "cmo", num_classes=10, train=train), digits, 4, val=False, max_epochs=-1)

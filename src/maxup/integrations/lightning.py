@@ -48,6 +48,7 @@ Needs ``pip install "maxup[lightning]"`` (``lightning>=2.1``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -67,9 +68,10 @@ from ..averaging import SWA, WeightAverage
 from ..functional._random import DeviceGenerator
 from ..methods import Spec, parse
 from ..objectives import ObjectiveResult
+from ..train.api import as_data
 from ..train.checkpoint import capture_rng, restore_rng
 from ..train.optimizers import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-from ..train.trainer import generator_seed, host_generator_seed
+from ..train.trainer import epoch_end_hooks, epoch_hooks, generator_seed, host_generator_seed
 
 __all__ = ["MaxUpMixin", "MaxUpModule", "maxup_training_step"]
 
@@ -172,7 +174,7 @@ class MaxUpMixin:
 
     def init_maxup(self, method: str | Spec = "erm", *, num_classes: int, model: nn.Module | None = None,
                    seed: int = 0, max_grad_norm: float | None = None, amp: str | None = None,
-                   step_scheduler: bool = True, log: bool = True, **step_options) -> None:
+                   step_scheduler: bool = True, log: bool = True, train=None, **step_options) -> None:
         """Set up maxup training (call in ``__init__``, after ``super().__init__()``); turns off automatic
         optimization.
 
@@ -184,6 +186,10 @@ class MaxUpMixin:
             max_grad_norm, amp, step_options: go to the step (:meth:`maxup.methods.Spec.build_step`).
             step_scheduler: step the module's schedulers after every optimizer step.
             log: log ``train_loss`` and ``train_accuracy`` every step.
+            train: the training set, ``(x, y)`` or a :class:`maxup.data.TensorData`, for the terms that read it:
+                the class counts of the long-tail losses, CMO's minority draws, bootstrap's fit on the training
+                losses after every epoch. The terms that follow the epoch (CMO, class-distance mixing, PADDLES)
+                read the Trainer's ``max_epochs``.
         """
         self.automatic_optimization = False
         spec = parse(method)
@@ -194,6 +200,7 @@ class MaxUpMixin:
             "model": model,
             "seed": check_int("seed", seed, minimum=0),
             "step_options": {"max_grad_norm": max_grad_norm, "amp": amp, **step_options},
+            "train": as_data(train, "train"),
             "step_scheduler": bool(step_scheduler),
             "log": bool(log),
             "step": None,
@@ -264,10 +271,18 @@ class MaxUpMixin:
         optimizer = self._maxup_optimizer()
         old = parts["step"]
         if old is None or old.optimizer is not optimizer:
+            data = {} if parts["train"] is None else {"train": parts["train"]}
             parts["step"] = parts["spec"].build_step(model=self.maxup_model, optimizer=optimizer,
-                                                     num_classes=parts["num_classes"], **parts["step_options"])
+                                                     num_classes=parts["num_classes"], **data, **parts["step_options"])
             if old is not None:
                 parts["step"].load_state_dict(old.state_dict())
+            parts["epoch_hooks"] = epoch_hooks(parts["step"])
+            parts["epoch_end_hooks"] = epoch_end_hooks(parts["step"])
+            needs = [h for h in parts["epoch_end_hooks"]
+                     if inspect.signature(h).parameters["data"].default is inspect.Parameter.empty]
+            if needs and parts["train"] is None:
+                raise ValueError(f"{type(needs[0].__self__).__name__} reads the whole training set after every "
+                                 "epoch: pass train=(x, y) (the training inputs and labels) to the module")
         self._maxup_restore(restore_rng_states=True)
 
     def _maxup_restore(self, *, restore_rng_states: bool) -> None:
@@ -323,9 +338,23 @@ class MaxUpMixin:
         super().on_train_start()
         self._maxup_build(step=True)
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        parts = self._maxup_parts()
+        if parts.get("epoch_hooks"):
+            epochs = self.trainer.max_epochs
+            if epochs is None or epochs < 1:
+                names = ", ".join(sorted({type(h.__self__).__name__ for h in parts["epoch_hooks"]}))
+                raise ValueError(f"{names} follow the epochs of the run: give the Trainer max_epochs")
+            for hook in parts["epoch_hooks"]:
+                hook(self.current_epoch, epochs, self.maxup_model)
+
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        average = self._maxup_parts()["average"]
+        parts = self._maxup_parts()
+        for hook in parts.get("epoch_end_hooks") or ():  # bootstrap's fit, PADDLES's schedule
+            hook(self.maxup_model, parts["train"], epoch=self.current_epoch + 1)
+        average = parts["average"]
         if average is not None:
             average.after_epoch(self.maxup_model, self.current_epoch + 1)
 
@@ -417,6 +446,7 @@ class MaxUpModule(MaxUpMixin, lightning.LightningModule):
             building it).
         max_grad_norm, amp, step_options: go to the step (``amp="bf16"`` or ``"fp16"``: mixed precision
             with the step's own GradScaler).
+        train: the training set ``(x, y)`` for the terms that read it (see :meth:`MaxUpMixin.init_maxup`).
 
     >>> net = maxup.models.SmallCNN(in_channels=1, num_classes=10, channels=(8, 16, 32))
     >>> MaxUpModule(net, "maxup(m=2)+cutmix", num_classes=10).maxup_spec.of_kind("objective")[0].name
@@ -426,7 +456,7 @@ class MaxUpModule(MaxUpMixin, lightning.LightningModule):
     def __init__(self, model: nn.Module, method: str | Spec = "erm", *, num_classes: int,
                  optimizer: str | Callable = "sgd", lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4,
                  scheduler: str | Callable | None = None, warmup_steps: int = 0, seed: int = 0,
-                 max_grad_norm: float | None = None, amp: str | None = None, **step_options):
+                 max_grad_norm: float | None = None, amp: str | None = None, train=None, **step_options):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -449,7 +479,7 @@ class MaxUpModule(MaxUpMixin, lightning.LightningModule):
         self.scheduler_choice = scheduler
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=0)
         self.init_maxup(method, num_classes=num_classes, model=model, seed=seed, max_grad_norm=max_grad_norm,
-                        amp=amp, **step_options)
+                        amp=amp, train=train, **step_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

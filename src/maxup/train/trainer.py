@@ -105,7 +105,7 @@ def epoch_hooks(step) -> list:
     return found
 
 
-def _epoch_end_hooks(step) -> list:
+def epoch_end_hooks(step) -> list:
     """The ``on_epoch_end(model, data, *, epoch)`` hooks of ``step`` and of the steps it wraps (``sam+bootstrap``):
     steps that act between epochs, such as a fit on the training losses or an epoch schedule."""
     hooks, seen = [], set()
@@ -299,7 +299,7 @@ class Trainer:
         self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
                              world_size=self.world_size, device=self.device,
                              memory_format=torch.channels_last if channels_last else None, sampler=sampler)
-        self.epoch_end_hooks = _epoch_end_hooks(step)
+        self.epoch_end_hooks = epoch_end_hooks(step)
         self.generator = DeviceGenerator(self.device, seed=generator_seed(self.seed, self.rank),
                                          host_seed=host_generator_seed(self.seed, self.rank))
         self.progress = sys.stderr.isatty() if progress is None else progress
