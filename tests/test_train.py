@@ -666,3 +666,45 @@ def test_eval_every_evaluates_every_kth_and_last_epoch_without_changing_training
     assert make_trainer(tmp_path / "run", epochs=6, eval_every=1).fit(resume=True)[-1]["epoch"] == 6
     with pytest.raises(ValueError, match="eval_every"):
         make_trainer(None, eval_every=0)
+
+
+PADDLES_DDP = """
+import os, sys, torch
+torch.set_num_threads(1)
+from maxup.data import TensorData
+from maxup.methods import build_step
+from maxup.models import create_model
+from maxup.train import Trainer, make_optimizer
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(64, 1, 12, 12, generator=g), torch.arange(64) % 3
+torch.manual_seed(0)
+model = create_model("resnet", input_shape=(1, 12, 12), num_classes=3, depth=8, width=4)
+opt = make_optimizer(model, lr=0.1)
+step = build_step("paddles(amplitude_stop=0, phase_stop=1)", model=model, optimizer=opt, num_classes=3)
+Trainer(model, step, TensorData(x, y), epochs=3, batch_size=8, num_classes=3, progress=False, device="cpu",
+        out_dir=sys.argv[1], keep_checkpoints=3).fit()
+torch.save(model.state_dict(), os.path.join(sys.argv[1], f"params-rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_paddles_under_ddp_freezes_the_layers_before_its_split(tmp_path):
+    """After phase_stop the layers up to PADDLES's split get no gradient: DDP must not wait for them, and they
+    stay as they were (no momentum, no weight decay) on every rank."""
+    script = tmp_path / "paddles_ddp.py"
+    script.write_text(textwrap.dedent(PADDLES_DDP))
+    out = tmp_path / "run"
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    p0, p1 = (torch.load(out / f"params-rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(p0, p1)
+    after_phase_stop = load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["model"]
+    weights = [k for k in p0 if k.endswith(("weight", "bias"))]
+    frozen = [k for k in weights if k.startswith(("stem", "layer1", "layer2"))]  # the split: after layer2
+    assert frozen and all(torch.equal(after_phase_stop[k], p0[k]) for k in frozen)
+    assert not all(torch.equal(after_phase_stop[k], p0[k]) for k in weights if k not in frozen)

@@ -133,6 +133,8 @@ class PADDLES(Step):
 
     domain = "tensor"
     search_space = {"amplitude_stop": (5, 60, "int"), "phase_stop": (10, 90, "int")}
+    #: from ``phase_stop`` on the layers before the split get no gradient: DDP must not wait for them
+    unused_parameters = True
 
     def __init__(self, objective: Objective, optimizer: torch.optim.Optimizer, *, amplitude_stop: int = 19,
                  phase_stop: int = 30, layers=None, dims: str = "spatial", model: nn.Module | None = None,

@@ -159,6 +159,7 @@ class SharpnessAware(Step):
     max_grad_norm = property(lambda self: self.step.max_grad_norm)
     amp = property(lambda self: self.step.amp)
     fixed_shapes = property(lambda self: getattr(self.step, "fixed_shapes", True))
+    unused_parameters = property(lambda self: getattr(self.step, "unused_parameters", False))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.step!r}, rho={self.rho}, adaptive={self.adaptive}, eta={self.eta}, "

@@ -115,12 +115,14 @@ def cleanup(ctx: DistributedContext, *, synchronize: bool = True) -> None:
         ctx.owns_group = False
 
 
-def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel(model)`` inside a process group of more than one process, else ``model``."""
+def wrap_model(model: nn.Module, device: torch.device, *, find_unused_parameters: bool = False) -> nn.Module:
+    """``DistributedDataParallel(model)`` inside a process group of more than one process, else ``model``.
+    ``find_unused_parameters``: some steps leave parameters without a gradient (PADDLES after its phase stop)."""
     if not is_distributed() or isinstance(model, DistributedDataParallel):
         return model
     ids = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None)
+    return DistributedDataParallel(model, device_ids=ids, output_device=ids[0] if ids else None,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -294,7 +294,8 @@ class Trainer:
             net = compile_model(net, backend=self.compile)
         elif _compiled(model) and not self.dist.enabled:
             net = model  # compiled by the caller
-        self.model = D.wrap_model(net, self.device) if self.dist.enabled else net
+        self.model = D.wrap_model(net, self.device, find_unused_parameters=getattr(step, "unused_parameters", False)) \
+            if self.dist.enabled else net
         self.epoch_hooks = epoch_hooks(step)
         self.loader = Loader(self.train_data, self.batch_size, shuffle=True, seed=self.seed, rank=self.rank,
                              world_size=self.world_size, device=self.device,
