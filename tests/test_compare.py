@@ -1,12 +1,18 @@
 """`maxup compare` as evidence: convergence on the clean training set, per-method budgets, worker processes."""
 import json
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from maxup import methods as M
 from maxup.cli import main
 from maxup.cli.comparison import split_budget, with_budget
+from maxup.cli.main import build_parser
 from maxup.cli.report import convergence_note, summarize, table
+from maxup.cli.tasks import get_task
+from maxup.methods import split_outside
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -157,3 +163,22 @@ def test_workers_is_an_alias_of_jobs():
 def test_bad_jobs_is_refused(capsys):
     assert main(["compare", "--jobs", "0", "--out", "unused"]) == 2
     assert "--jobs" in capsys.readouterr().err
+
+
+def test_every_evidence_grid_is_a_valid_comparison(tmp_path):
+    """scripts/evidence.sh --list: each grid's options parse as `maxup compare` options and each method spec,
+    budget included, parses and suits the grid's task (a typo would surface only hours into a grid)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh"
+    listed = subprocess.run(["bash", str(script), "--list"], capture_output=True, text=True, check=True).stdout
+    grids = [line.split("\t") for line in listed.splitlines()]
+    assert len(grids) >= 10 and {"fm1k", "fm1k_noise40s", "fm5k_lt100", "fm1k_mix", "fm1k_adv", "lm"} <= \
+        {g for g, _, _ in grids}
+    for name, options, methods in grids:
+        args = build_parser().parse_args(["compare", *shlex.split(options), "--out", str(tmp_path / name)])
+        task = get_task(args.task)
+        specs = split_outside(methods, ",")
+        assert len(set(specs)) == len(specs), name
+        for label in specs:
+            spec, _ = split_budget(label)
+            task.spec(spec)  # parses and suits the task's inputs
+            task.config(args, task.method(spec), 0)
