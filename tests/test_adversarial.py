@@ -21,7 +21,7 @@ from maxup.functional import soft_targets
 from maxup.functional.attacks import pgd, project, sample_ball
 from maxup.models import SmallCNN, create_model
 from maxup.objectives import ERM, MaxUp, frozen_buffers
-from maxup.robust import Standardized, robust_accuracy, to_pixels
+from maxup.robust import RobustEval, Standardized, robust_accuracy, to_pixels
 from maxup.steps import SharpnessAware
 from maxup.steps.adversarial import Adversarial, trades_rows
 
@@ -608,6 +608,40 @@ def test_standardized_attacks_in_pixel_units(trained, digits):
     a = robust_accuracy(net, pixels, eps_list=[0.1], steps=3, batch_size=50)
     b = robust_accuracy(trained, TensorData(pixels.x, pixels.y), eps_list=[0.1], steps=3, batch_size=50)
     assert a[0]["robust"] == b[0]["robust"]
+
+
+def test_robust_eval_is_robust_accuracy_on_the_first_examples_through_the_normalisation(trained, digits):
+    pixels = TensorData(digits.test.x[:80], digits.test.y[:80])
+    expected = robust_accuracy(trained, TensorData(pixels.x[:60], pixels.y[:60]), eps_list=[0.1], steps=3,
+                               batch_size=500)[0]["robust_accuracy"]
+    assert RobustEval(0.1, steps=3, limit=60)(trained, pixels) == expected
+    mean, std = torch.tensor([0.3]), torch.tensor([0.4])  # a model of standardised inputs, attacked in pixels
+    standardised = TensorData((pixels.x - 0.3) / 0.4, pixels.y)
+    check = RobustEval(0.1, steps=3, limit=60, mean=mean, std=std)
+    assert check(_Shift(copy.deepcopy(trained), mean, std), standardised) == pytest.approx(expected, abs=1 / 60)
+    for kwargs, message in [({"eps": 0}, "eps must be a radius > 0"), ({"eps": 0.1, "mean": mean}, "both mean"),
+                            ({"eps": 0.1, "norm": "l3"}, "norm"), ({"eps": 0.1, "limit": 0}, "limit")]:
+        with pytest.raises(ValueError, match=message):
+            RobustEval(**kwargs)
+
+
+def test_the_trainer_records_robust_accuracy_at_every_evaluation(digits):
+    splits = load_dataset("digits", train_size=200, normalize=False, seed=0)
+    check = RobustEval(0.1, steps=2, limit=50)
+    model = mlp(hidden=(32,))
+    history = maxup.fit(model, "adv(eps=0.1, steps=2)+ema(decay=0.9)", train=splits.train, test=splits.test,
+                        epochs=3, batch_size=64, seed=0, progress=False, device="cpu", eval_every=2,
+                        robust_eval=check)
+    assert [sorted(k for k in r if "robust" in k) for r in history] == \
+        [[], ["ema_test_robust_accuracy", "test_robust_accuracy"], ["ema_test_robust_accuracy", "test_robust_accuracy"]]
+    assert history[-1]["test_robust_accuracy"] == check(model, splits.test)  # the final weights, the same draws
+    assert history[-1]["test_robust_accuracy"] <= history[-1]["test_accuracy"]
+    from maxup.cli.report import summarize
+
+    h = [dict(r) for r in history]
+    h[1]["test_robust_accuracy"], h[2]["test_robust_accuracy"] = 0.6, 0.4  # robust overfitting: best at epoch 2
+    row = summarize({"adv": [h]}, "adv")[0]
+    assert (row["best_robust_epoch"], row["best_test_robust_accuracy"], row["test_robust_accuracy"]) == (2, 0.6, 0.4)
 
 
 class _Shift(nn.Module):

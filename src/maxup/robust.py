@@ -30,7 +30,7 @@ from .data import TensorData
 from .functional.attacks import check_attack, pgd
 from .steps.adversarial import eval_mode
 
-__all__ = ["Standardized", "robust_accuracy", "to_pixels"]
+__all__ = ["RobustEval", "Standardized", "robust_accuracy", "to_pixels"]
 
 
 class Standardized(nn.Module):
@@ -132,3 +132,45 @@ def robust_accuracy(model: nn.Module, data: TensorData, *, eps_list, norm: str =
         k = int(torch.cat(robust[e]).sum())
         out.append({"eps": e, "clean_accuracy": clean_correct / n, "robust_accuracy": k / n, "n": n, "robust": k})
     return out
+
+
+class RobustEval:
+    """PGD robust accuracy at one radius on the first ``limit`` examples of a split: what the
+    :class:`maxup.train.Trainer` records as ``test_robust_accuracy`` (``val_*``, ``ema_*``) at every evaluation,
+    so the epoch of best robust accuracy and robust overfitting show in the history.
+
+    ``eps`` is in [0, 1] pixel units; with the data's normalisation ``mean`` and ``std`` the model is attacked
+    through it (:class:`Standardized`). The attack's random starts are seeded with ``seed`` at every call, so
+    two evaluations of the same weights agree.
+
+    >>> check = RobustEval(0.1, steps=3, limit=8)
+    >>> 0.0 <= check(model, maxup.data.TensorData(x_test, y_test)) <= 1.0
+    True
+    """
+
+    def __init__(self, eps: float, *, norm: str = "linf", steps: int = 10, limit: int = 1000, mean=None, std=None,
+                 batch_size: int = 500, seed: int = 0):
+        if not isinstance(eps, Real) or isinstance(eps, bool) or not eps > 0:
+            raise ValueError(f"eps must be a radius > 0 in [0, 1] pixel units (e.g. 0.1), got {eps!r}")
+        check_attack(float(eps), norm, steps)
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (the data's normalisation), or neither")
+        self.eps, self.norm, self.steps = float(eps), norm, steps
+        self.limit = check_int("limit", limit)
+        self.batch_size = check_int("batch_size", batch_size)
+        self.seed = check_int("seed", seed, minimum=0)
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32)
+
+    def __repr__(self) -> str:
+        return f"RobustEval(eps={self.eps}, norm={self.norm!r}, steps={self.steps}, limit={self.limit})"
+
+    def __call__(self, model: nn.Module, data: TensorData) -> float:
+        n = min(self.limit, len(data))
+        data = TensorData(data.x[:n], data.y[:n])
+        if self.std is not None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model = Standardized(model, self.mean, self.std).to(device)
+            data = to_pixels(data, self.mean, self.std)
+        return robust_accuracy(model, data, eps_list=[self.eps], norm=self.norm, steps=self.steps,
+                               batch_size=self.batch_size, seed=self.seed)[0]["robust_accuracy"]

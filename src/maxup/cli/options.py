@@ -157,6 +157,13 @@ def add_image_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--test-size", type=POSITIVE_INT, default=None, help="use only the first N test images (quick runs)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false", help="do not standardise the inputs")
     add_noise_options(p)
+    g = p.add_argument_group("robust accuracy during training (PGD at every evaluation: robust overfitting)")
+    g.add_argument("--robust-eps", type=POSITIVE, default=None, metavar="EPS",
+                   help="also record val/test robust accuracy under PGD at this radius, in [0, 1] pixel units "
+                        "(attacked through the normalisation), at every evaluation (default: none)")
+    g.add_argument("--robust-steps", type=POSITIVE_INT, default=10, help="PGD steps of --robust-eps (default: 10)")
+    g.add_argument("--robust-limit", type=POSITIVE_INT, default=1000,
+                   help="attack the first N examples of each split (default: 1000)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")
     add_model_opt(g, "model option, repeatable, e.g. --model-opt depth=20 --model-opt width=16")

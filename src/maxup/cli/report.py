@@ -42,6 +42,11 @@ def summarize(results: dict[str, list[list[dict]]], baseline: str | None,
             best = [min(h, key=lambda e: e["val_perplexity"]) for h in evaluated]
             stats("best_val_epoch", [e["epoch"] for e in best])
             stats("test_perplexity_at_best_val", [e["test_perplexity"] for e in best])
+        robust = [[e for e in h if "test_robust_accuracy" in e] for h in runs]
+        if all(robust):  # robust overfitting: the best evaluated epoch beside the last
+            best = [max(h, key=lambda e: e["test_robust_accuracy"]) for h in robust]
+            stats("best_test_robust_accuracy", [e["test_robust_accuracy"] for e in best])
+            stats("best_robust_epoch", [e["epoch"] for e in best])
         if all("test_class_accuracy" in f and "train_class_counts" in f for f in finals):  # long-tailed runs
             row.update(class_means(finals))
         # median over epochs and seeds: robust to the odd slow epoch on a shared machine

@@ -9,6 +9,7 @@ import warnings
 import torch
 
 from .. import methods as M
+from ..robust import RobustEval
 from ..train import fit
 from ..train.distributed import resolve_device
 from .files import check_run_dir
@@ -53,6 +54,11 @@ def run(task: Task, config: dict, *, out_dir=None, resume: bool = False, progres
     resolve_device(config["device"], name="--device")  # a wrong --device fails before the data is loaded
     if splits is None:
         splits = task.load(config)
+    robust = None
+    if config.get("robust_eps") is not None:  # PGD in [0, 1] pixels, through the normalisation
+        robust = RobustEval(config["robust_eps"], steps=config.get("robust_steps", 10),
+                            limit=config.get("robust_limit", 1000), mean=getattr(splits, "mean", None),
+                            std=getattr(splits, "std", None))
     torch.manual_seed(config["seed"])
     model = task.model(config, splits)
     return fit(model, spec, train=splits.train, test=splits.test, val=splits.val, epochs=config["epochs"],
@@ -63,7 +69,8 @@ def run(task: Task, config: dict, *, out_dir=None, resume: bool = False, progres
                progress=progress, resume=resume, config=config, compile=config.get("compile", False),
                channels_last=config.get("channels_last", False), tf32=config.get("tf32", True),
                log_tensorboard=tensorboard, on_epoch=on_epoch, sampler=config.get("class_sampler", "instance"),
-               class_metrics=config.get("imbalance") is not None, eval_every=config.get("eval_every", 1))
+               class_metrics=config.get("imbalance") is not None, eval_every=config.get("eval_every", 1),
+               robust_eval=robust)
 
 
 def train(args) -> list[dict]:

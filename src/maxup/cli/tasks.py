@@ -127,7 +127,8 @@ class ImageTask(Task):
             "max_grad_norm", "device", "compile", "channels_last", "tf32")
     #: noisy labels, long tails and the sampler (:func:`maxup.cli.options.add_noise_options`)
     optional = {**Task.optional, "label_noise": 0.0, "noise_type": None, "noise_map": None, "noisy_labels": None,
-                "imbalance": None, "class_sampler": "instance"}
+                "imbalance": None, "class_sampler": "instance", "robust_eps": None, "robust_steps": 10,
+                "robust_limit": 1000}
     #: the main job's methods: two augmentations that suit 8x8 digits (a one-pixel shift, pixel noise), MaxUp
     #: over each, and Mixup
     default_methods = ("erm", "cropflip(padding=1, flip=0)", "maxup(m=4)+cropflip(padding=1, flip=0)",
@@ -136,7 +137,8 @@ class ImageTask(Task):
     summary_keys = ("test_accuracy", "test_loss", "test_ece", "clean_train_accuracy", "clean_train_loss",
                     "val_accuracy", "ema_test_accuracy", "ema_val_accuracy", "swa_test_accuracy", "swa_val_accuracy",
                     "noisy_memorised", "noisy_true_accuracy", "test_many_accuracy", "test_medium_accuracy",
-                    "test_few_accuracy")
+                    "test_few_accuracy", "test_robust_accuracy", "ema_test_robust_accuracy",
+                    "swa_test_robust_accuracy")
     columns = (("test accuracy (%)", "test_accuracy", 100.0, 2), ("valid accuracy (%)", "val_accuracy", 100.0, 2),
                ("EMA test accuracy (%)", "ema_test_accuracy", 100.0, 2),
                ("SWA test accuracy (%)", "swa_test_accuracy", 100.0, 2),
@@ -147,7 +149,11 @@ class ImageTask(Task):
                ("noisy samples, true label (%)", "noisy_true_accuracy", 100.0, 2),
                ("many-shot test (%)", "test_many_accuracy", 100.0, 2),
                ("medium-shot test (%)", "test_medium_accuracy", 100.0, 2),
-               ("few-shot test (%)", "test_few_accuracy", 100.0, 2))
+               ("few-shot test (%)", "test_few_accuracy", 100.0, 2),
+               ("robust test (%)", "test_robust_accuracy", 100.0, 2),
+               ("best robust test (%)", "best_test_robust_accuracy", 100.0, 2),
+               ("best robust epoch", "best_robust_epoch", 1.0, 1),
+               ("EMA robust test (%)", "ema_test_robust_accuracy", 100.0, 2))
     title = "maxup compare"
     plot = {}  # the defaults: test accuracy
 

@@ -48,7 +48,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
         max_grad_norm: float | None = None, num_classes: int | None = None, progress: bool | None = None,
         resume: bool = False, config: dict | None = None, compile: bool | str = False, channels_last: bool = False,
         tf32: bool = True, log_tensorboard: bool = False, on_epoch=None, sampler="instance",
-        class_metrics: bool = False, eval_every: int = 1) -> list[dict]:
+        class_metrics: bool = False, eval_every: int = 1, robust_eval=None) -> list[dict]:
     """Train ``model`` with a method spec and return the metrics history (one dict per epoch).
 
     Builds the optimizer (:func:`make_optimizer`), a per-step cosine schedule with linear
@@ -67,7 +67,8 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
     and the history holds the memorisation metrics ``noisy_memorised`` and ``noisy_true_accuracy``;
     ``class_metrics=True`` adds per-class and many/medium/few-shot accuracy; ``sampler`` sets the
     training order (``"instance"``, ``"class"``, ``"sqrt"``, ``"reversed"``; :mod:`maxup.data.sampling`).
-    ``eval_every`` evaluates val and test every this many epochs and after the last (default: every epoch).
+    ``eval_every`` evaluates val and test every this many epochs and after the last (default: every epoch);
+    ``robust_eval`` (a :class:`maxup.robust.RobustEval`) adds their PGD robust accuracy.
     The sampler and the number of flipped labels are recorded in ``config`` (a resume that changes
     them is refused).
 
@@ -117,7 +118,7 @@ def fit(model: nn.Module, method: str = "erm", *, train, test=None, val=None, ep
                       device=device, out_dir=out_dir, config=config, progress=progress, num_classes=num_classes,
                       compile=compile, channels_last=channels_last, tf32=tf32, average=spec.build_average(module),
                       log_tensorboard=log_tensorboard, on_epoch=on_epoch, sampler=sampler,
-                      class_metrics=class_metrics, eval_every=eval_every)
+                      class_metrics=class_metrics, eval_every=eval_every, robust_eval=robust_eval)
     try:
         trainer.scheduler = make_scheduler(opt, epochs=epochs, steps_per_epoch=trainer.steps_per_epoch,
                                            warmup_epochs=warmup_epochs)

@@ -201,6 +201,9 @@ class Trainer:
         eval_every: evaluate val and test (and the weight average, and the memorisation of noisy labels) every
             this many epochs and after the last; the other epochs' records hold the training metrics only. On a
             CPU, evaluating 10,000 test images can take longer than an epoch over a small training set.
+        robust_eval: a :class:`maxup.robust.RobustEval`: at every evaluation also ``val_robust_accuracy`` and
+            ``test_robust_accuracy`` (PGD at one radius; of the weight average too), so robust overfitting and the
+            epoch of best robust accuracy show in the history.
         on_epoch: called on every process with each epoch's history record, after it is logged and
             checkpointed. It observes; an exception it raises stops :meth:`fit` (the files are closed and the
             checkpoints kept): ``maxup tune`` raises ``optuna.TrialPruned`` there to stop a weak trial early.
@@ -216,7 +219,7 @@ class Trainer:
                  config: dict | None = None, progress: bool | None = None, num_classes: int,
                  log_tensorboard: bool = False, check_every: int = 50, compile: bool | str = False,
                  channels_last: bool = False, tf32: bool = True, average=None, on_epoch=None, sampler="instance",
-                 class_metrics: bool = False, eval_every: int = 1):
+                 class_metrics: bool = False, eval_every: int = 1, robust_eval=None):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         optimizer = getattr(step, "optimizer", None)
@@ -234,6 +237,11 @@ class Trainer:
         self.num_classes = check_int("num_classes", num_classes)
         self.check_every = check_int("check_every", check_every)
         self.eval_every = check_int("eval_every", eval_every)
+        if robust_eval is not None and not callable(robust_eval):
+            raise ValueError(f"robust_eval must be a maxup.robust.RobustEval (or None), got {robust_eval!r}")
+        if robust_eval is not None and train.y.ndim != 1:
+            raise ValueError("robust_eval needs class labels (N,), not token sequences")
+        self.robust_eval = robust_eval
         for name, flag in (("channels_last", channels_last), ("tf32", tf32)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -483,6 +491,8 @@ class Trainer:
                                        num_classes=self.num_classes, per_class=self.class_metrics)
                     if self.class_metrics:
                         metrics = class_metrics(metrics, self.train_class_counts, self.shot_thresholds)
+                    if self.robust_eval is not None:
+                        metrics["robust_accuracy"] = self.robust_eval(model, data)
                     record.update({f"{prefix}{name}_{k}": v for k, v in metrics.items()})
         if self.noisy_index is not None and evaluating:  # memorisation of the flipped labels
             record.update(memorisation(self.module, self.train_data, batch_size=eval_batch, device=self.device,
@@ -678,6 +688,7 @@ class Trainer:
             "keep_checkpoints": self.keep_checkpoints,
             "checkpoint_every": self.checkpoint_every,
             **({"eval_every": self.eval_every} if self.eval_every != 1 else {}),
+            **({"robust_eval": repr(self.robust_eval)} if self.robust_eval is not None else {}),
             "torch": torch.__version__,
             "compile": self.compile,
             "channels_last": self.channels_last,
