@@ -57,7 +57,7 @@ grid_args() {
     fm5k_lt100) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 100" ;;  # 1,150 images, 500 to 5
     fm5k_lt10) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 10" ;;    # 2,000 images, 500 to 50
     fm1k_mix) echo "$FM_CPU --train-size 1000 --eval-every 40" ;;
-    fm1k_adv) echo "$FM_CPU --train-size 1000 --eval-every 10 --no-normalize" ;;     # pixels in [0, 1]
+    fm1k_adv) echo "$FM_CPU --train-size 1000 --no-normalize --eval-every 5 --robust-eps 0.1 --robust-limit 500" ;;
     fm5k) echo "$FM_GPU --train-size 5000 --epochs 40" ;;
     fm1k_score) echo "$FM_GPU --train-size 6000 --val-size 5000 --epochs 150" ;;
     lm) echo "--task lm --corpus $KJV --train-tokens 100000 --epochs 25 --seeds 3" ;;
@@ -97,7 +97,7 @@ report() {  # the finished runs of one grid: results.json, results.md, results.p
   local args
   args=$(grid_args "$1") || return 2
   "$PY" -m maxup compare $args --methods "$(grid_methods "$1")" --out "$RUNS/$1" --report --no-progress || return 1
-  if [ "$1" = fm1k_adv ]; then  # PGD, 10 steps, on the first 1,000 test images, at the last epoch
+  if [ "$1" = fm1k_adv ]; then  # pixels in [0, 1]; PGD, 10 steps, on the first 1,000 test images, last epoch
     local attack=(--eps 0.05,0.1,0.2 --steps 10 $FM_DIR --resume --no-progress)
     "$PY" -m maxup robust "$RUNS"/fm1k_adv/*/seed-* "${attack[@]}" --out "$RUNS/fm1k_adv_robust" &&
       "$PY" -m maxup robust "$RUNS"/fm1k_adv/*ema*/seed-* --weights ema "${attack[@]}" \
