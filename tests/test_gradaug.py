@@ -461,6 +461,11 @@ def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="no width-sliceable layer"):
         M.build_step("gradaug", model=no_layers, optimizer=torch.optim.SGD(no_layers.parameters(), lr=0.1),
                      num_classes=3)
+    vit = create_model("vit", input_shape=(1, 8, 8), num_classes=3, patch_size=2)
+    with pytest.raises(ValueError, match="cannot slice ViT: its parameter 'embed.cls_token'"):
+        M.build_step("gradaug", model=vit, optimizer=torch.optim.SGD(vit.parameters(), lr=0.1), num_classes=3)
+    with pytest.raises(ValueError, match="'1.weight' is not in an nn.Conv1d"):
+        slimmable(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3)))
     with pytest.raises(ValueError, match="slimmable"):
         set_width(cnn(), 0.5)
     for w in (0, 1.5, -0.5, True, "1"):

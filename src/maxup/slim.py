@@ -156,7 +156,8 @@ def slimmable(model: nn.Module, *, inplace: bool = True, keep: Iterable[str] | N
             default: the last conv or linear layer in ``named_modules()`` order (the classifier).
 
     Converting twice is harmless. Raises ValueError when the model has no conv or linear
-    layer to slice, or ``keep`` names a layer it does not have.
+    layer to slice, a parameter outside those layers (a transformer's attention, LayerNorm, tokens), or
+    ``keep`` names a layer it does not have.
 
     >>> model = slimmable(maxup.models.create_model("resnet", input_shape=(3, 32, 32)))
     """
@@ -169,6 +170,13 @@ def slimmable(model: nn.Module, *, inplace: bool = True, keep: Iterable[str] | N
     if not sliced:
         raise ValueError(f"model ({type(model).__name__}) has no width-sliceable layer: GradAug needs "
                          "nn.Conv1d, nn.Conv2d or nn.Linear layers (exact torch.nn classes)")
+    convertible = {id(m) for _, m in layers}
+    other = [f"{name + '.' if name else ''}{p}" for name, m in model.named_modules() if id(m) not in convertible
+             for p, _ in m.named_parameters(recurse=False)]
+    if other:  # attention, LayerNorm, embeddings, tokens: a slice of their width would not be a sub-network
+        raise ValueError(f"GradAug cannot slice {type(model).__name__}: its parameter {other[0]!r} is not in an "
+                         "nn.Conv1d/Conv2d/Linear/BatchNorm1d/BatchNorm2d layer (attention, LayerNorm, embeddings "
+                         "and tokens are not width-sliceable); use a convolutional model such as cnn or resnet")
     keep = {sliced[-1]} if keep is None else {keep} if isinstance(keep, str) else set(keep)
     missing = sorted(keep - set(sliced))
     if missing:
