@@ -38,7 +38,15 @@ from maxup.functional.puzzle import (
     transport_grid,
     transport_plan,
 )
-from maxup.functional.saliency import saliency_boxes, saliency_peaks, saliencymix, spectral_residual, to_gray
+from maxup.functional.saliency import (
+    fine_grained,
+    saliency_boxes,
+    saliency_peaks,
+    saliencymix,
+    spectral_residual,
+    to_bytes,
+    to_gray,
+)
 from maxup.models import SmallCNN
 from maxup.objectives import ERM, MaxUp
 from maxup.registry import REGISTRY
@@ -293,6 +301,42 @@ def test_the_class_equals_the_ops_on_the_same_draws():
         assert torch.equal(out, ref) and torch.equal(tm, ref_t)
 
 
+def test_fine_grained_saliency_equals_opencv():
+    """tests/data/fine_grained_opencv.pt: 12 Fashion-MNIST and 4 digits images as 8-bit intensities and the maps
+    OpenCV's StaticSaliencyFineGrained computed from them (times 255): the same maps, value for value."""
+    from pathlib import Path
+
+    ref = torch.load(Path(__file__).parent / "data" / "fine_grained_opencv.pt", weights_only=True)
+    for name in ("fashion_mnist", "digits"):
+        images = ref[name].to(torch.float32)[:, None] / 255.0  # intensities 0..255 spanning their own range
+        assert torch.equal(to_bytes(images), ref[name].to(torch.float64))
+        ours = fine_grained(images)
+        assert ours.shape == ref[f"{name}_maps"].shape and ours.dtype == torch.float32
+        assert torch.equal((ours * 255).round().to(torch.uint8), ref[f"{name}_maps"]), name
+
+
+def test_fine_grained_pieces_by_hand():
+    # a constant image has no contrast: an all-zero map; the map depends on the image up to its intensity range
+    assert torch.equal(fine_grained(torch.full((1, 1, 9, 9), 0.3)), torch.zeros(1, 9, 9))
+    x = smooth_images(4, 1, 12, 12, seed=3, dtype=torch.float32)
+    assert torch.equal(fine_grained(x), fine_grained(3.0 * x - 1.0)) and fine_grained(x).amax() == 1.0
+    # the intensities: each image stretched to 0..255, RGB by the luma weights
+    rgb = torch.rand(3, 3, 5, 5, generator=gen(0))
+    gray = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
+    lo, hi = gray.amin((1, 2), keepdim=True), gray.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(to_bytes(rgb), ((gray - lo) / (hi - lo) * 255).round().double(), rtol=0, atol=0)
+
+
+def test_the_class_with_fine_grained_saliency_equals_the_ops():
+    x, y = smooth_images(8, 3, 16, 16, seed=6, dtype=torch.float32), torch.arange(8) % 5
+    for per_sample in (True, False):
+        aug = SaliencyMix(alpha=0.7, num_classes=5, per_sample=per_sample, saliency="fine_grained")
+        out, tm = aug(x, y, generator=gen(2))
+        lam, perm = aug._draw(x, gen(2))
+        ref, ref_t, _ = saliencymix(x, soft_targets(y, 5), lam, perm, saliency=fine_grained(x))
+        assert torch.equal(out, ref) and torch.equal(tm, ref_t)
+
+
 def test_labels_follow_the_pasted_area_and_the_input_is_not_edited():
     x, y = smooth_images(8, 3, 16, 16, seed=7, dtype=torch.float32), torch.arange(8)
     before = x.clone()
@@ -333,6 +377,7 @@ def test_runs_through_a_dataloader():
 
 
 @pytest.mark.parametrize("kwargs, name", [({"alpha": 0}, "alpha"), ({"saliency_size": 2}, "saliency_size"),
+                                          ({"saliency": "itti"}, "saliency must be one of"),
                                           ({"saliency_size": "big"}, "saliency_size"), ({"p": 1.5}, "p")])
 def test_bad_options_raise_value_errors_naming_them(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -366,7 +411,8 @@ def test_saliencymix_is_registered_with_its_traits_and_options():
     assert entry.cls is SaliencyMix and entry.kind == "augment"
     assert (SaliencyMix.domain, SaliencyMix.random, SaliencyMix.mixes_rows, SaliencyMix.context) == \
         ("image", True, True, None)
-    assert entry.options() == {"alpha": 1.0, "saliency_size": 64, "per_sample": True, "p": 1.0}
+    assert entry.options() == {"alpha": 1.0, "saliency": "spectral_residual", "saliency_size": 64,
+                               "per_sample": True, "p": 1.0}
 
 
 def small_model(channels=1, classes=10, seed=0):
@@ -375,6 +421,7 @@ def small_model(channels=1, classes=10, seed=0):
 
 
 @pytest.mark.parametrize("spec", ["saliencymix", "maxup(m=2)+saliencymix(saliency_size=16)",
+                                  "saliencymix(saliency='fine_grained')",
                                   "saliencymix(per_sample=false)"])
 def test_saliencymix_specs_train_deterministically_without_host_reads(spec):
     from maxup.train.syncs import count_step_syncs

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from .mixing import _check_unit, _partner, cutmix
 
-__all__ = ["GRAY_WEIGHTS", "saliency_boxes", "saliency_peaks", "saliencymix", "spectral_residual", "to_gray"]
+__all__ = ["FINE_GRAINED_NEIGHBORHOODS", "GRAY_WEIGHTS", "fine_grained", "saliency_boxes", "saliency_peaks",
+           "saliencymix", "spectral_residual", "to_bytes", "to_gray"]
 
 #: luma weights of (R, G, B): OpenCV's ``COLOR_BGR2GRAY`` applied to an image in B, G, R order
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
@@ -129,6 +130,73 @@ def spectral_residual(x: torch.Tensor, *, size=64) -> torch.Tensor:
     m = _filter(back.abs(), _gaussian_kernel(5, 8.0, device=gray.device, dtype=gray.dtype))
     m = m / m.amax(dim=(-2, -1), keepdim=True).clamp_min(info.tiny)  # scaled before squaring: no overflow
     return _resize(m.square(), (h, w)).to(x.dtype)
+
+
+#: the half-widths of the six centre-surround windows of OpenCV's ``StaticSaliencyFineGrained``
+FINE_GRAINED_NEIGHBORHOODS = (12, 24, 48, 28, 56, 112)
+
+
+def to_bytes(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) 8-bit intensities (integer values 0..255, float64) of images (B, C, H, W) in any range: the
+    intensity (:func:`to_gray`) of each image stretched to its own minimum and maximum, rounded. A constant
+    image gives 0 everywhere."""
+    gray = to_gray(_check_images(x)).to(torch.float64)
+    lo = gray.amin(dim=(-2, -1), keepdim=True)
+    span = gray.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (gray - lo) / span.clamp_min(torch.finfo(torch.float64).tiny), 0.0).mul(255).round()
+
+
+def _blur_bytes(img: torch.Tensor) -> torch.Tensor:
+    """OpenCV's ``GaussianBlur(img, (3, 3), 0)`` on 8-bit values: the [1, 2, 1] / 4 kernel along both axes,
+    reflected border, rounded half up to integers (its fixed-point arithmetic is exact for this kernel)."""
+    kernel = (2.0 - (torch.arange(3, device=img.device, dtype=img.dtype) - 1).abs()) / 4  # on the device
+    return (_filter(img, kernel) + 0.5).floor()
+
+
+def fine_grained(x: torch.Tensor, *, neighborhoods=FINE_GRAINED_NEIGHBORHOODS) -> torch.Tensor:
+    """Fine-grained saliency maps (B, H, W) in [0, 1] of images (B, C, H, W): OpenCV's
+    ``StaticSaliencyFineGrained`` (Montabone and Soto 2010; ``staticSaliencyFineGrained.cpp`` of
+    opencv_contrib), the saliency the SaliencyMix authors use, step by step on 8-bit intensities
+    (:func:`to_bytes`).
+
+    The intensity is blurred twice by a 3 x 3 Gaussian; at each of six scales ``n`` every pixel's
+    surround mean (the window of pixels ``p - n + 1 .. p + n`` in both axes, clipped to the image,
+    the pixel itself left out) gives an on map ``max(I - mean, 0)`` and an off map
+    ``max(mean - I, 0)``, truncated to integers; the scales are summed, each sum stretched to 255
+    by its maximum (truncated), and the on and off maps added and stretched once more by the larger
+    of their maxima. OpenCV stores that last value in a byte without saturation, so a sum above
+    255 wraps around; this keeps that arithmetic (the maps equal OpenCV's). The result is the byte
+    map divided by 255, as OpenCV returns it.
+    """
+    img = to_bytes(x)
+    for _ in range(2):
+        img = _blur_bytes(img)
+    b, h, w = img.shape
+    f32 = torch.float32
+    integral = F.pad(img.cumsum(-1).cumsum(-2), (1, 0, 1, 0)).to(f32)  # (B, H+1, W+1), OpenCV's CV_32F integral
+    rows = torch.arange(h, device=img.device)
+    cols = torch.arange(w, device=img.device)
+    on_sum = torch.zeros_like(img)
+    off_sum = torch.zeros_like(img)
+    centre = img.to(f32)
+    for n in neighborhoods:
+        y1, y2 = (rows - n + 1).clamp(0, h), (rows + n + 1).clamp(0, h)
+        x1, x2 = (cols - n + 1).clamp(0, w), (cols + n + 1).clamp(0, w)
+        total = (integral[:, y2][:, :, x2] + integral[:, y1][:, :, x1]) - integral[:, y2][:, :, x1] \
+            - integral[:, y1][:, :, x2]
+        area = ((y2 - y1)[:, None] * (x2 - x1)[None, :] - 1).to(f32)
+        mean = (total - centre) / area
+        on_sum += (centre - mean).clamp_min(0).trunc().to(img.dtype)
+        off_sum += (mean - centre).clamp_min(0).trunc().to(img.dtype)
+
+    def stretch(v):  # uchar(255 * (v / max)) in float32, truncated; an all-zero map stays zero
+        top = v.amax(dim=(-2, -1), keepdim=True).to(f32)
+        return torch.where(top > 0, 255.0 * (v.to(f32) / top.clamp_min(1.0)), 0.0).trunc()
+
+    on, off = stretch(on_sum), stretch(off_sum)
+    top = torch.maximum(on.amax(dim=(-2, -1), keepdim=True), off.amax(dim=(-2, -1), keepdim=True))
+    both = torch.where(top > 0, (255.0 * (on + off)) / top.clamp_min(1.0), 0.0).trunc()
+    return (both.long() % 256).to(f32).div(255.0).to(x.dtype)
 
 
 def saliency_peaks(saliency: torch.Tensor) -> torch.Tensor:
