@@ -41,7 +41,7 @@ FM_AVERAGE="erm+$EMA,cutmix+$EMA,maxup(m=4, warmup_steps=80)+cutmix+$EMA,cutmix+
 # noisy labels: the stops and the warm-up at the fractions of the schedule the digits grid used (not tuned)
 NOISE_METHODS="erm,mixup,bootstrap(mixup=true, warmup_epochs=13),paddles(amplitude_stop=13, phase_stop=20),maxup(m=4, warmup_steps=80)+mixup"
 LT_METHODS="erm,balanced_softmax,cmo,cmo+balanced_softmax,bilateral_mixup,class_distance_mix,mixup"
-MIX_METHODS="erm,mixup,cutmix,fmix,saliencymix,puzzlemix,automix,samix,mixupe,maxup(m=4, warmup_steps=80)+cutmix"
+MIX_METHODS="erm,mixup,cutmix,fmix,saliencymix(saliency='fine_grained'),puzzlemix,automix,samix,mixupe,maxup(m=4, warmup_steps=80)+cutmix"
 ADV="adv(eps=0.1, steps=5)"
 ADV_METHODS="erm,$ADV,$ADV+ema(decay=0.98),$ADV+cutmix,$ADV+cutmix+ema(decay=0.98),maxup(m=4)+gaussian(sigma=0.1)"
 # MaxUp's score and temperature over mixing augmentations, chosen on a validation split (5,000 of the 6,000 images)
