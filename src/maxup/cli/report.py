@@ -149,16 +149,26 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
     top = min(scale, hi + 0.05 * (hi - lo) + 1e-9) if key.endswith("accuracy") else None  # never past 100%
     ax1.set_ylim(max(0.0, lo - 0.05 * (hi - lo) - 1e-9), top)
     ax1.set_ylabel(f"final {label}, mean ± sd over seeds")
-    for method, runs in results.items():
-        # the epochs every seed evaluated (all of them, or every --eval-every and the last)
-        epochs = sorted(set.intersection(*({e["epoch"] for e in h if curve_key in e} for h in runs)))
-        curves = torch.tensor([[scale * float(e[curve_key]) for e in h if e["epoch"] in epochs] for h in runs],
-                              dtype=torch.float64)
-        mean = curves.mean(0)
-        sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
-        ax2.plot(epochs, mean, label=method, marker="o" if len(mean) < 3 else None)  # one epoch: a point
-        ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
-    ax2.set_xlabel("epoch")
+    # the epochs every seed of a method evaluated (all of them, or every --eval-every and the last)
+    evaluated = {method: sorted(set.intersection(*({e["epoch"] for e in h if curve_key in e} for h in runs)))
+                 for method, runs in results.items()}
+    if max(len(v) for v in evaluated.values()) < 2 and all("clean_train_accuracy" in r for r in rows):
+        # no curve to draw (evaluated after the last epoch only): what each method traded, fit against test
+        for r in rows:
+            ax2.errorbar(scale * r["clean_train_accuracy"], scale * r[key], xerr=scale * r["clean_train_accuracy_std"],
+                         yerr=scale * r[key + "_std"], marker="o", capsize=3, label=r["method"], clip_on=False)
+        ax2.set_xlabel("clean training accuracy (%), eval mode, no augmentation")
+        ax2.set_xlim(None, min(scale, ax2.get_xlim()[1]))
+    else:
+        for method, runs in results.items():
+            epochs = evaluated[method]
+            curves = torch.tensor([[scale * float(e[curve_key]) for e in h if e["epoch"] in epochs] for h in runs],
+                                  dtype=torch.float64)
+            mean = curves.mean(0)
+            sd = curves.std(0) if len(runs) > 1 else torch.zeros_like(mean)
+            ax2.plot(epochs, mean, label=method, marker="o" if len(mean) < 3 else None)  # one epoch: a point
+            ax2.fill_between(epochs, mean - sd, mean + sd, alpha=0.15)
+        ax2.set_xlabel("epoch")
     ax2.set_ylabel(curve_label)
     if curve_key.endswith("accuracy"):
         ax2.set_ylim(None, min(scale, ax2.get_ylim()[1]))
