@@ -373,3 +373,16 @@ def test_lm_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     assert main([argv[0], *TINY, *argv[1:], *corpus, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("maxup: error:") and message in err
+
+
+def test_lm_run_summary_shows_the_epochs_without_evaluation(capsys):
+    from maxup.cli.tasks import LM
+
+    history = [{"epoch": 1, "train_loss": 5.0, "train_time": 2.0},
+               {"epoch": 2, "train_loss": 4.0, "train_time": 2.0, "val_perplexity": 90.0, "test_perplexity": 95.0,
+                "time": 3.0}]
+    LM.print_run({"method": "erm", "corpus": "kjv"}, history)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "epoch 1: train loss 5.0000  (2 s)"
+    assert lines[1] == "epoch 2: train loss 4.0000  valid perplexity 90.00  test perplexity 95.00  (2 s)"
+    assert LM.describe("erm", 0, history[-1]) == "erm seed 0: test perplexity 95.00 (last epoch 3 s)"

@@ -107,6 +107,11 @@ class Task:
         raise NotImplementedError
 
 
+def _took(last: dict) -> str:
+    """`` (last epoch 3 s)``: how long a finished run's last epoch took (with its evaluation), to plan a grid."""
+    return f" (last epoch {last['time']:.0f} s)" if "time" in last else ""
+
+
 def _fmt(row: dict, prefix: str) -> str:
     keys = [k for k in ("accuracy", "loss", "ece") if f"{prefix}_{k}" in row]
     return "  ".join(f"{prefix} {k} {row[f'{prefix}_{k}']:.4f}" for k in keys)
@@ -183,7 +188,7 @@ class ImageTask(Task):
 
     def describe(self, label: str, seed: int, last: dict) -> str:
         return (f"{label} seed {seed}: test acc {100 * last['test_accuracy']:.2f}%, clean train acc "
-                f"{100 * last.get('clean_train_accuracy', float('nan')):.2f}%")
+                f"{100 * last.get('clean_train_accuracy', float('nan')):.2f}%{_took(last)}")
 
     def print_run(self, config: dict, history: list[dict]) -> None:
         last = history[-1]
@@ -278,12 +283,13 @@ class LMTask(Task):
                 f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
 
     def describe(self, label: str, seed: int, last: dict) -> str:
-        return f"{label} seed {seed}: test perplexity {last['test_perplexity']:.2f}"
+        return f"{label} seed {seed}: test perplexity {last['test_perplexity']:.2f}{_took(last)}"
 
     def print_run(self, config: dict, history: list[dict]) -> None:
-        for r in history:
-            print(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}  valid perplexity {r['val_perplexity']:.2f}  "
-                  f"test perplexity {r['test_perplexity']:.2f}  ({r['train_time']:.0f} s)")
+        for r in history:  # an epoch without evaluation (--eval-every) shows its training loss only
+            shown = "".join(f"  {name} perplexity {r[key]:.2f}" for name, key in
+                            (("valid", "val_perplexity"), ("test", "test_perplexity")) if key in r)
+            print(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}{shown}  ({r['train_time']:.0f} s)")
         last = history[-1]
         print(f"{config['method']} on {config['corpus']}, epoch {last['epoch']}: valid perplexity "
               f"{last['val_perplexity']:.2f}, test perplexity {last['test_perplexity']:.2f}")
