@@ -193,6 +193,10 @@ def test_non_utf8_suite_names_the_file(tmp_path, capsys):
     (["train", "--resume", "--force"], "contradict"),
     (["compare", "--methods", ","], "argument --methods"),
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "--robust-steps", "5"], "--robust-steps sets the attack of --robust-eps"),
+    (["train", "--robust-eps", "0"], "argument --robust-eps"),
+    (["train", "--eval-every", "0"], "argument --eval-every"),
+    (["lm", "--eval-every", "-2"], "argument --eval-every"),
 ])
 def test_bad_options_are_one_line_naming_the_option(tmp_path, capsys, argv, message):
     assert main(argv + ["--out", str(tmp_path / "o"), *TINY]) == 2

@@ -161,8 +161,9 @@ def add_image_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     g.add_argument("--robust-eps", type=POSITIVE, default=None, metavar="EPS",
                    help="also record val/test robust accuracy under PGD at this radius, in [0, 1] pixel units "
                         "(attacked through the normalisation), at every evaluation (default: none)")
-    g.add_argument("--robust-steps", type=POSITIVE_INT, default=10, help="PGD steps of --robust-eps (default: 10)")
-    g.add_argument("--robust-limit", type=POSITIVE_INT, default=1000,
+    g.add_argument("--robust-steps", type=POSITIVE_INT, default=10, metavar="N",
+                   help="PGD steps of --robust-eps (default: 10)")
+    g.add_argument("--robust-limit", type=POSITIVE_INT, default=1000, metavar="N",
                    help="attack the first N examples of each split (default: 1000)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="cnn", help=f"one of {', '.join(list_models())} (default: cnn)")

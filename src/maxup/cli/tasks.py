@@ -162,6 +162,14 @@ class ImageTask(Task):
     title = "maxup compare"
     plot = {}  # the defaults: test accuracy
 
+    def config(self, args, method: str, seed: int) -> dict:
+        if getattr(args, "robust_eps", None) is None:
+            unused = [f"--robust-{k}" for k in ("steps", "limit")
+                      if getattr(args, f"robust_{k}", self.optional[f"robust_{k}"]) != self.optional[f"robust_{k}"]]
+            if unused:
+                raise ValueError(f"{unused[0]} sets the attack of --robust-eps: give --robust-eps EPS too")
+        return super().config(args, method, seed)
+
     def compare_defaults(self, args) -> dict:
         digits = str(args.dataset).lower() == "digits"
         return {**super().compare_defaults(args), **(self.digits_compare_defaults if digits else {})}
