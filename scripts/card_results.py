@@ -63,8 +63,10 @@ def section(name: str, comparisons: dict[str, dict]) -> str:
                              f"{r['time_ratio']:.2f}x |")
         else:
             shown = ([base] if base not in mine else []) + mine
-            averages = [k for k in ("ema_test_accuracy", "swa_test_accuracy") if any(k in r for r in shown)]
-            heads = "".join(f" {k[:3].upper()} test accuracy (%) |" for k in averages)
+            extra = {"ema_test_accuracy": "EMA test accuracy (%)", "swa_test_accuracy": "SWA test accuracy (%)",
+                     "test_robust_accuracy": "robust test (%)", "best_test_robust_accuracy": "best robust test (%)"}
+            averages = [k for k in extra if any(k in r for r in shown)]
+            heads = "".join(f" {extra[k]} |" for k in averages)
             lines += ["| method | seeds | test accuracy (%) | vs erm (points) |" + heads
                       + " clean train accuracy (%) | time/epoch vs erm | train time (s) |",
                       "|---|---|---|---|" + "---|" * len(averages) + "---|---|---|"]
