@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from maxup import methods as M
 from maxup.cli import main
@@ -182,3 +183,15 @@ def test_every_evidence_grid_is_a_valid_comparison(tmp_path):
             spec, _ = split_budget(label)
             task.spec(spec)  # parses and suits the task's inputs
             task.config(args, task.method(spec), 0)
+
+
+def test_compare_with_eval_every_reports_the_evaluated_epochs(tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "erm", "--epochs", "3", "--eval-every", "2", "--seeds", "1",
+                 "--out", str(out), *TINY]) == 0
+    data = json.loads((out / "results.json").read_text())
+    (history,) = data["runs"]["erm"]
+    assert [e["epoch"] for e in history if "test_accuracy" in e] == [2, 3]
+    assert data["summary"][0]["test_accuracy"] == history[-1]["test_accuracy"]
+    assert (out / "results.png").stat().st_size > 0
+    assert yaml.safe_load((out / "erm" / "seed-0" / "config.yaml").read_text())["eval_every"] == 2
