@@ -152,8 +152,9 @@ def plot(results: dict[str, list[list[dict]]], rows: list[dict], path: Path, tit
     # the epochs every seed of a method evaluated (all of them, or every --eval-every and the last)
     evaluated = {method: sorted(set.intersection(*({e["epoch"] for e in h if curve_key in e} for h in runs)))
                  for method, runs in results.items()}
-    if max(len(v) for v in evaluated.values()) < 2 and all("clean_train_accuracy" in r for r in rows):
-        # no curve to draw (evaluated after the last epoch only): what each method traded, fit against test
+    curves = sum(len(v) >= 2 for v in evaluated.values())
+    if 2 * curves < len(evaluated) and all("clean_train_accuracy" in r for r in rows):
+        # most methods have no curve (evaluated after the last epoch only): what each traded, fit against test
         for r in rows:
             ax2.errorbar(scale * r["clean_train_accuracy"], scale * r[key], xerr=scale * r["clean_train_accuracy_std"],
                          yerr=scale * r[key + "_std"], marker="o", capsize=3, label=r["method"], clip_on=False)
