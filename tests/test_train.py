@@ -126,6 +126,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(tmp_path, script_text: str) -> Path:
+    """Run ``script_text`` under ``torch.distributed.run`` with 2 processes (gloo, one thread each), its output
+    folder ``tmp_path / "run"`` as its argument; fails the test with the output when it exits non-zero."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(textwrap.dedent(script_text))
+    out = tmp_path / "run"
+    env = subprocess_env()
+    env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
 # --------------------------------------------------------------------------- a learnable run and its files
 
 
@@ -469,15 +484,7 @@ with open(os.path.join(out, f"history-rank{rank}.json"), "w") as f:
 
 @pytest.mark.slow
 def test_two_process_ddp_on_gloo(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(DDP_RUN))
-    out = tmp_path / "run"
-    env = subprocess_env()
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_two_processes(tmp_path, DDP_RUN)
 
     p0 = torch.load(out / "params-rank0.pt", weights_only=True)
     p1 = torch.load(out / "params-rank1.pt", weights_only=True)
@@ -692,15 +699,7 @@ torch.save(model.state_dict(), os.path.join(sys.argv[1], f"params-rank{os.enviro
 def test_paddles_under_ddp_freezes_the_layers_before_its_split(tmp_path):
     """After phase_stop the layers up to PADDLES's split get no gradient: DDP must not wait for them, and they
     stay as they were (no momentum, no weight decay) on every rank."""
-    script = tmp_path / "paddles_ddp.py"
-    script.write_text(textwrap.dedent(PADDLES_DDP))
-    out = tmp_path / "run"
-    env = subprocess_env()
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_two_processes(tmp_path, PADDLES_DDP)
     p0, p1 = (torch.load(out / f"params-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same_state(p0, p1)
     after_phase_stop = load_checkpoint(out / "checkpoints" / "epoch-0001.pt")["model"]
