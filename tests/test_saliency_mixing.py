@@ -420,17 +420,13 @@ def small_model(channels=1, classes=10, seed=0):
     return SmallCNN(in_channels=channels, num_classes=classes, channels=(4, 8))
 
 
-@pytest.mark.parametrize("spec", ["saliencymix", "maxup(m=2)+saliencymix(saliency_size=16)",
-                                  "saliencymix(saliency='fine_grained')",
-                                  "saliencymix(per_sample=false)"])
-def test_saliencymix_specs_train_deterministically_without_host_reads(spec):
+def assert_repeatable_without_host_reads(build):
+    """``build()`` gives ``(model, step, x, y, generator)``: two steps train to a finite loss, two builds end with
+    the same parameters, and a step makes no host read or host-to-device copy."""
     from maxup.train.syncs import count_step_syncs
 
     def run():
-        model = small_model()
-        step = M.build_step(spec, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=10)
-        g = gen(1)
-        x, y = torch.rand(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
+        model, step, x, y, g = build()
         for _ in range(2):
             result = step(model, x, y, generator=g)
         assert torch.isfinite(result.loss)
@@ -440,6 +436,20 @@ def test_saliencymix_specs_train_deterministically_without_host_reads(spec):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     counter = count_step_syncs(step, a, x, y, R.DeviceGenerator("cpu", seed=1, host_seed=2), steps=1)
     assert counter.reads == 0 and counter.made == 0, counter.report()
+
+
+@pytest.mark.parametrize("spec", ["saliencymix", "maxup(m=2)+saliencymix(saliency_size=16)",
+                                  "saliencymix(saliency='fine_grained')",
+                                  "saliencymix(per_sample=false)"])
+def test_saliencymix_specs_train_deterministically_without_host_reads(spec):
+    def build():
+        model = small_model()
+        step = M.build_step(spec, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), num_classes=10)
+        g = gen(1)
+        x, y = torch.rand(8, 1, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g)
+        return model, step, x, y, g
+
+    assert_repeatable_without_host_reads(build)
 
 
 # ====================================================================== Puzzle Mix
@@ -921,22 +931,14 @@ def test_maxup_picks_the_worst_copies_then_puzzlemix_mixes_them(monkeypatch):
 @pytest.mark.parametrize("spec", ["puzzlemix", "sam+puzzlemix(n_labels=2, transport=false)",
                                   "puzzlemix(per_sample=false, blocks=(2, 4, 8))+cropflip"])
 def test_puzzlemix_specs_train_deterministically_without_host_reads(spec):
-    from maxup.train.syncs import count_step_syncs
-
-    def run():
+    def build():
         model = small_model(channels=3, classes=5)
         step = step_for(spec, model)
         g = R.DeviceGenerator("cpu", seed=1, host_seed=2)
         x, y = batch(seed=4)
-        for _ in range(2):
-            result = step(model, x, y, generator=g)
-        assert torch.isfinite(result.loss)
-        return model, step, x, y
+        return model, step, x, y, g
 
-    (a, step, x, y), (b, _, _, _) = run(), run()
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    counter = count_step_syncs(step, a, x, y, R.DeviceGenerator("cpu", seed=1, host_seed=2), steps=1)
-    assert counter.reads == 0 and counter.made == 0, counter.report()
+    assert_repeatable_without_host_reads(build)
 
 
 def test_only_grids_that_divide_the_image_are_drawn():
