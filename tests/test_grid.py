@@ -192,11 +192,18 @@ def test_a_grid_on_sqlite_is_trained_by_a_worker_into_the_sequential_report(tmp_
     assert "0 runs trained here" in capsys.readouterr().err
 
 
-def test_an_interrupted_worker_hands_its_run_back(tmp_path, monkeypatch, capsys):
+def enqueue_one_run(tmp_path) -> tuple[str, list[str]]:
+    """A one-run grid (erm, one seed, one epoch) enqueued in SQLite with --out tmp_path/g; returns its URL and the
+    command that enqueued it."""
     url = f"sqlite:///{tmp_path / 'grid.db'}"
     argv = ["compare", "--methods", "erm", "--epochs", "1", "--seeds", "1", *TINY, "--out", str(tmp_path / "g"),
             "--storage", url]
     assert main(argv) == 0
+    return url, argv
+
+
+def test_an_interrupted_worker_hands_its_run_back(tmp_path, monkeypatch, capsys):
+    url, _ = enqueue_one_run(tmp_path)
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -213,10 +220,7 @@ def test_an_interrupted_worker_hands_its_run_back(tmp_path, monkeypatch, capsys)
 
 
 def test_a_run_that_fails_is_recorded_and_the_worker_exits_1(tmp_path, monkeypatch, capsys):
-    url = f"sqlite:///{tmp_path / 'grid.db'}"
-    argv = ["compare", "--methods", "erm", "--epochs", "1", "--seeds", "1", *TINY, "--out", str(tmp_path / "g"),
-            "--storage", url]
-    assert main(argv) == 0
+    url, argv = enqueue_one_run(tmp_path)
 
     def broken(*args, **kwargs):
         raise ValueError("disk on fire")
