@@ -260,6 +260,8 @@ def test_bad_storage_study_and_version_are_clear_errors(tmp_path, capsys):
     assert "--out needs --study" in error(["worker", "--storage", url, "--out", str(tmp_path)])
     other = error(argv + ["--storage", url, "--lr", "0.1"])
     assert "holds erm seed 0 with other settings (lr 0.05 -> 0.1)" in other and "--study" in other
+    assert main(argv + ["--storage", url, "--eval-every", "2"]) == 0  # changes no result: enqueues nothing new
+    assert len(trials(url)) == 1
     moved = error(argv[:-1] + [str(tmp_path / "elsewhere"), "--storage", url, "--study", grid.default_study(
         tmp_path / "g")])
     assert "holds the grid of --out" in moved

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..train import list_checkpoints
-from .comparison import finished_history, split_budget
+from .comparison import FREE_KEYS, finished_history, split_budget
 from .files import check_writable
 from .options import POSITIVE_INT, slug
 from .report import report
@@ -61,8 +61,6 @@ RUN_KEY = "maxup_run"
 #: the seconds between two heartbeats of a running run, unless ``--heartbeat`` says otherwise; a run silent for
 #: twice as long is handed to another worker
 HEARTBEAT = 60
-#: config entries a second ``maxup compare --storage`` may change for runs already in the study
-FREE_KEYS = ("data_dir", "device")
 _EPOCH = re.compile(r"^epoch-(\d+)\.pt$")
 #: the drivers of ``postgresql://`` URLs that name none, in order of preference
 POSTGRES_DRIVERS = ("psycopg", "psycopg2")
@@ -265,6 +263,8 @@ def grid_runs(task: Task, args, specs: list[str]) -> list[dict]:
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """The settings ``new`` changes for a run already in the study, besides those that change no result
+    (:data:`maxup.cli.comparison.FREE_KEYS`: a waiting run keeps the values it was enqueued with)."""
     keys = sorted((set(old) | set(new)) - set(FREE_KEYS))
     return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
