@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The evidence grids of docs/RESULTS.md: Fashion-MNIST at 1,000 and 5,000 images trained to convergence, with
-# noisy labels, long-tailed, with the learned and saliency-guided mixing methods, adversarially trained; the MaxUp
+# noisy labels, long-tailed, with the learned and saliency-guided mixing methods, with token mixing on a small ViT,
+# adversarially trained; the MaxUp
 # score/temperature choice on a validation split; language modelling on a KJV subset that overfits.
 #
 #   scripts/evidence.sh                      # every grid, one after the other, runs/evidence/<grid>
@@ -18,7 +19,7 @@ set -uo pipefail
 PY=${PY:-python3}
 RUNS=${RUNS:-runs/evidence}
 JOBS=${JOBS:-1}
-GRIDS=${GRIDS:-"fm1k fm1k_noise40s fm1k_noise40a fm5k_lt100 fm5k_lt10 fm1k_mix fm1k_adv fm5k fm1k_score lm"}
+GRIDS=${GRIDS:-"fm1k fm1k_noise40s fm1k_noise40a fm5k_lt100 fm5k_lt10 fm1k_mix fm1k_vit fm1k_adv fm5k fm1k_score lm"}
 FM_DIR=${FM:+--data-dir $FM}
 KJV=${KJV:-kjv}
 
@@ -27,7 +28,8 @@ KJV=${KJV:-kjv}
 # two CPU cores (width 16, batch 64, 40 epochs: ERM fits 1,000 images by epoch 25; the test set evaluated only
 # every --eval-every epochs); fm1k takes about two hours, the others 20 to 40 minutes each. fm5k and fm1k_score
 # need a GPU (width 32, batch 128).
-FM_ARGS="--dataset fashion-mnist $FM_DIR --model resnet --model-opt depth=8 --seeds 3"
+FM_DATA="--dataset fashion-mnist $FM_DIR --seeds 3"
+FM_ARGS="$FM_DATA --model resnet --model-opt depth=8"
 FM_CPU="$FM_ARGS --model-opt width=16 --batch-size 64 --epochs 40"
 FM_GPU="$FM_ARGS --model-opt width=32 --batch-size 128"
 GRADAUG="gradaug(width_range=(0.8, 1.0), resolutions=(28, 24, 21))"
@@ -41,13 +43,15 @@ FM_AVERAGE="erm+$EMA,cutmix+$EMA,maxup(m=4, warmup_steps=80)+cutmix+$EMA,cutmix+
 # noisy labels: the stops and the warm-up at the fractions of the schedule the digits grid used (not tuned)
 NOISE_METHODS="erm,mixup,bootstrap(mixup=true, warmup_epochs=13),paddles(amplitude_stop=13, phase_stop=20),maxup(m=4, warmup_steps=80)+mixup"
 LT_METHODS="erm,balanced_softmax,cmo,cmo+balanced_softmax,bilateral_mixup,class_distance_mix,mixup"
+# the small ViT (4x4 patches: 49 tokens and a class token) with AdamW, as on digits; TokenMix without a teacher
+VIT_METHODS="erm,cutmix,tokenmix,transmix"
 MIX_METHODS="erm,mixup,cutmix,fmix,saliencymix(saliency='fine_grained'),puzzlemix,automix,samix,mixupe,maxup(m=4, warmup_steps=80)+cutmix"
 ADV="adv(eps=0.1, steps=5)"
 ADV_METHODS="erm,$ADV,$ADV+ema(decay=0.98),$ADV+cutmix,$ADV+cutmix+ema(decay=0.98),maxup(m=4)+gaussian(sigma=0.1)"
 # MaxUp's score and temperature over mixing augmentations, chosen on a validation split (5,000 of the 6,000 images)
 SCORE_METHODS="erm,mixup,maxup(m=4)+mixup,maxup(m=4, score='kl')+mixup,maxup(m=4, temperature=0.5)+mixup,mixup(alpha=0.2),maxup(m=4)+mixup(alpha=0.2),maxup(m=4, score='kl')+mixup(alpha=0.2),cutmix,maxup(m=4)+cutmix,maxup(m=4, score='kl')+cutmix,maxup(m=4, temperature=0.5)+cutmix"
 LM_METHODS="erm,embed_noise(sigma=0.1),maxup(m=4)+embed_noise(sigma=0.1),word_dropout(p=0.1),maxup(m=4)+word_dropout(p=0.1),token_sub(p=0.1),maxup(m=4)+token_sub(p=0.1)"
-GRID_NAMES="fm1k, fm1k_noise40s, fm1k_noise40a, fm5k_lt100, fm5k_lt10, fm1k_mix, fm1k_adv, fm5k, fm1k_score, lm"
+GRID_NAMES="fm1k, fm1k_noise40s, fm1k_noise40a, fm5k_lt100, fm5k_lt10, fm1k_mix, fm1k_vit, fm1k_adv, fm5k, fm1k_score, lm"
 
 grid_args() {
   case $1 in
@@ -57,6 +61,8 @@ grid_args() {
     fm5k_lt100) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 100" ;;  # 1,150 images, 500 to 5
     fm5k_lt10) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 10" ;;    # 2,000 images, 500 to 50
     fm1k_mix) echo "$FM_CPU --train-size 1000 --eval-every 40" ;;
+    fm1k_vit) echo "$FM_DATA --model vit --model-opt patch_size=4 --optimizer adamw --lr 0.003 --weight-decay 0.05 \
+--batch-size 64 --epochs 100 --train-size 1000 --eval-every 100" ;;
     fm1k_adv) echo "$FM_CPU --train-size 1000 --no-normalize --eval-every 5 --robust-eps 0.1 --robust-limit 500" ;;
     fm5k) echo "$FM_GPU --train-size 5000 --epochs 40" ;;
     fm1k_score) echo "$FM_GPU --train-size 6000 --val-size 5000 --epochs 150" ;;
@@ -70,6 +76,7 @@ grid_methods() {
     fm1k_noise40s | fm1k_noise40a) echo "$NOISE_METHODS" ;;
     fm5k_lt100 | fm5k_lt10) echo "$LT_METHODS" ;;
     fm1k_mix) echo "$MIX_METHODS" ;;
+    fm1k_vit) echo "$VIT_METHODS" ;;
     fm1k_adv) echo "$ADV_METHODS" ;;
     fm5k) fm_methods 200 100 ;;  # 40 steps per epoch
     fm1k_score) echo "$SCORE_METHODS" ;;

@@ -172,7 +172,7 @@ def test_every_evidence_grid_is_a_valid_comparison(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "evidence.sh"
     listed = subprocess.run(["bash", str(script), "--list"], capture_output=True, text=True, check=True).stdout
     grids = [line.split("\t") for line in listed.splitlines()]
-    assert len(grids) >= 10 and {"fm1k", "fm1k_noise40s", "fm5k_lt100", "fm1k_mix", "fm1k_adv", "lm"} <= \
+    assert len(grids) >= 10 and {"fm1k", "fm1k_noise40s", "fm5k_lt100", "fm1k_mix", "fm1k_vit", "fm1k_adv", "lm"} <= \
         {g for g, _, _ in grids}
     for name, options, methods in grids:
         args = build_parser().parse_args(["compare", *shlex.split(options), "--out", str(tmp_path / name)])
