@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The evidence grids of docs/RESULTS.md: Fashion-MNIST at 1,000 and 5,000 images trained to convergence, with
 # noisy labels, long-tailed, with the learned and saliency-guided mixing methods, with token mixing on a small ViT,
-# adversarially trained; the MaxUp
-# score/temperature choice on a validation split; language modelling on a KJV subset that overfits.
+# adversarially trained; the MaxUp score/temperature choice on a validation split; language modelling on a KJV
+# subset that overfits.
 #
 #   scripts/evidence.sh                      # every grid, one after the other, runs/evidence/<grid>
 #   GRIDS="fm1k lm" JOBS=4 scripts/evidence.sh
