@@ -28,6 +28,7 @@ from maxup.functional.spectrum import spectral_detach
 from maxup.models import SmallCNN
 from maxup.registry import REGISTRY
 from maxup.steps import PADDLES, Bootstrap, SharpnessAware
+from maxup.steps import bootstrap as bootstrap_module
 from maxup.steps.bootstrap import bootstrap_targets, class_balance_penalty, mixed_bootstrap_targets, training_losses
 from maxup.steps.paddles import spectral_split
 from maxup.train import TIMING_KEYS, Trainer
@@ -424,6 +425,26 @@ def test_state_round_trips_and_a_degenerate_fit_keeps_the_previous_one():
     with pytest.warns(RuntimeWarning, match="degenerate"):
         step.on_epoch_end(model, same, epoch=2)
     assert all(torch.equal(before[k], v) for k, v in step.state_dict()["fit"].items())
+
+
+@pytest.mark.parametrize("wrong, reg_weight, warns", [(0.9, 0.0, True), (0.9, 1.0, False), (0.4, 0.0, False)])
+def test_a_fit_that_judges_most_labels_wrong_warns_once_without_the_balance_term(monkeypatch, wrong, reg_weight,
+                                                                                   warns):
+    g = torch.Generator().manual_seed(0)
+    n_wrong = int(1000 * wrong)  # two well separated groups of training losses: small (clean) and large (wrong)
+    losses = torch.cat([torch.rand(1000 - n_wrong, generator=g) * 0.3, 2 + torch.rand(n_wrong, generator=g)])
+    monkeypatch.setattr(bootstrap_module, "training_losses", lambda *a, **k: losses)
+    model = tiny_model()
+    step = Bootstrap(maxup.ERM(), torch.optim.SGD(model.parameters(), lr=0.1), reg_weight=reg_weight,
+                     warmup_epochs=1)
+    data = TensorData(*batch(8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step.on_epoch_end(model, data, epoch=1)
+        step.on_epoch_end(model, data, epoch=2)
+    assert step.noisy_share == pytest.approx(wrong, abs=0.02)  # the fit finds the wrong group
+    messages = [str(w.message) for w in caught if "collapsing onto one class" in str(w.message)]
+    assert len(messages) == warns and all("reg_weight=1.0" in m and "after epoch 1" in m for m in messages)
 
 
 def test_training_losses_are_eval_mode_cross_entropies_and_leave_the_model_as_it_was():

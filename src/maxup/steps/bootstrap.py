@@ -48,11 +48,14 @@ from ..registry import register
 from .adversarial import eval_mode
 from .base import Step
 
-__all__ = ["BOOTSTRAP_MODES", "Bootstrap", "bootstrap_targets", "class_balance_penalty", "mixed_bootstrap_targets",
-           "training_losses"]
+__all__ = ["BOOTSTRAP_MODES", "COLLAPSE_SHARE", "Bootstrap", "bootstrap_targets", "class_balance_penalty",
+           "mixed_bootstrap_targets", "training_losses"]
 
 #: ``hard``: the predicted class (DYR-H); ``soft``: the predicted probabilities (DYR-S)
 BOOTSTRAP_MODES = ("hard", "soft")
+#: without the class-balance term, a fit that judges more than this share of the training labels wrong warns once:
+#: the model is training on its own predictions and may be collapsing onto one class
+COLLAPSE_SHARE = 0.75
 
 
 def bootstrap_targets(targets: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor,
@@ -146,7 +149,11 @@ class Bootstrap(Step):
         eval_batch_size: batch size of the per-epoch pass over the training set.
         max_grad_norm, amp: see :class:`maxup.steps.Step`.
 
-    ``step.last_fit`` is the latest :class:`~maxup.functional.bmm.BetaMixture` (None before the first fit).
+    ``step.last_fit`` is the latest :class:`~maxup.functional.bmm.BetaMixture` (None before the first fit);
+    ``step.noisy_share`` the share of the training samples it judges mislabelled (posterior above 0.5). With
+    ``reg_weight=0`` a share above :data:`COLLAPSE_SHARE` warns once: on Fashion-MNIST at 40% noise, a warm-up
+    too short for the losses to separate gave shares of 0.41, 0.54, 0.64, 0.84 over four epochs and a model
+    predicting one class, where ``reg_weight=1.0`` held the share between 0.19 and 0.45.
 
     >>> step = Bootstrap(maxup.ERM(), opt, mode="hard", mixup=True, warmup_epochs=0)
     >>> result = step(model, x, y)                       # w = 0.5 until the first fit
@@ -188,6 +195,8 @@ class Bootstrap(Step):
         super().__init__(objective, optimizer, max_grad_norm=max_grad_norm, amp=amp)
         self.epoch = 0  # epochs done, set by on_epoch_end
         self._fit: dict | None = None
+        self.noisy_share: float | None = None
+        self._warned_collapse = False
 
     def __repr__(self) -> str:
         return (f"Bootstrap({self.objective!r}, mode={self.mode!r}, mixup={self.mixup}, alpha={self.alpha}, "
@@ -223,6 +232,13 @@ class Bootstrap(Step):
             return
         self._fit = {"lookup": posterior_lookup(mixture), "low": low, "high": high, "alphas": mixture.alphas,
                      "betas": mixture.betas, "weights": mixture.weights}
+        self.noisy_share = float((self.weights(losses) > 0.5).float().mean())
+        if self.noisy_share > COLLAPSE_SHARE and not self.reg_weight and not self._warned_collapse:
+            self._warned_collapse = True
+            warnings.warn(f"bootstrap: the Beta mixture fitted after epoch {epoch} judges {self.noisy_share:.0%} of "
+                          "the training labels wrong; the model is training on its own predictions and may be "
+                          "collapsing onto one class. Set reg_weight=1.0 (the authors' class-balance term) or a "
+                          "longer warmup_epochs", RuntimeWarning, stacklevel=2)
 
     def weights(self, losses: torch.Tensor) -> torch.Tensor:
         """(B,) probability of a wrong label of each loss: the posterior through the latest fit, 0.5 before it."""
