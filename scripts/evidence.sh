@@ -60,8 +60,8 @@ grid_args() {
     fm1k) echo "$FM_CPU --train-size 1000 --eval-every 40" ;;
     fm1k_noise40s) echo "$FM_CPU --train-size 1000 --eval-every 10 --label-noise 0.4 --noise-type symmetric" ;;
     fm1k_noise40a) echo "$FM_CPU --train-size 1000 --eval-every 10 --label-noise 0.4 --noise-type asymmetric" ;;
-    fm5k_lt100) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 100" ;;  # 1,150 images, 500 to 5
-    fm5k_lt10) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 10" ;;    # 2,000 images, 500 to 50
+    fm5k_lt100) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 100" ;;  # 1,236 images, 500 to 5
+    fm5k_lt10) echo "$FM_CPU --train-size 5000 --eval-every 40 --imbalance 10" ;;    # 2,040 images, 500 to 50
     fm1k_mix) echo "$FM_CPU --train-size 1000 --eval-every 40" ;;
     fm1k_vit) echo "$FM_DATA --model vit --model-opt patch_size=4 --optimizer adamw --lr 0.003 --weight-decay 0.05 \
 --batch-size 64 --epochs 100 --train-size 1000 --eval-every 100" ;;
