@@ -261,7 +261,8 @@ def recorded_runs(out: Path, budget: str) -> dict[tuple[str, int], list[dict]]:
         return {}
 
 
-#: settings a finished run may have been trained with otherwise and still be reused (they change no result)
+#: settings that change no result: a finished run trained with other values is still reused, and a second
+#: ``compare --storage`` may give other values for runs already enqueued (:mod:`maxup.cli.grid`)
 FREE_KEYS = ("data_dir", "device", "eval_every", "compile", "channels_last", "tf32")
 
 
