@@ -77,6 +77,11 @@ def test_load_corpus_batches_in_order(tmp_path):
     assert torch.equal(torch.cat([x for x, _ in batches]), splits.train.x)
     quick = load_corpus(tmp_path / "c", bptt=4, train_tokens=9)
     assert quick.train.x.shape == (2, 4)
+    prefix = load_corpus(tmp_path / "c", bptt=4, eval_tokens=5)  # one segment of each evaluation split
+    assert prefix.val.x.shape == prefix.test.x.shape == (1, 4) and torch.equal(prefix.train.x, splits.train.x)
+    assert torch.equal(prefix.val.y[0], corpus.valid[1:5])
+    with pytest.raises(ValueError, match="eval_tokens"):
+        load_corpus(tmp_path / "c", bptt=4, eval_tokens=1)
 
 
 def test_bad_corpora_are_clear_errors(tmp_path):
@@ -346,6 +351,12 @@ def test_compare_accepts_the_lm_task(tmp_path, capsys):
     config = (out / "erm" / "seed-1" / "config.yaml").read_text()
     assert "optimizer: adamw" in config and "batch_size: 16" in config  # the LM defaults, and the options given
     assert (out / "results.png").stat().st_size > 0
+    assert "eval_tokens" not in config  # set only when given: runs saved before the option resume unchanged
+    cut = tmp_path / "cut"
+    assert main(["compare", "--task", "lm", "--corpus", str(corpus), "--methods", "erm", "--eval-tokens", "21",
+                 "--out", str(cut), *TINY]) == 0
+    assert "eval_tokens: 21" in (cut / "erm" / "seed-0" / "config.yaml").read_text()
+    assert "valid and test cut to 21 tokens" in json.loads((cut / "results.json").read_text())["budget"]
 
 
 def test_lm_corpus_command_and_kjv_on_first_use(tmp_path, monkeypatch, capsys):

@@ -102,11 +102,11 @@ SUITE_KEYS = ("seeds", "task")
 SUITE_TYPES = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "lr": POSITIVE, "momentum": NON_NEGATIVE,
                "weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE, "max_grad_norm": POSITIVE,
                "train_size": POSITIVE_INT, "val_size": NON_NEGATIVE, "test_size": POSITIVE_INT, "seeds": POSITIVE_INT,
-               "bptt": POSITIVE_INT, "train_tokens": POSITIVE_INT, "normalize": bool, "model_opt": dict,
-               "label_noise": noise_rate, "imbalance": IMBALANCE}
+               "bptt": POSITIVE_INT, "train_tokens": POSITIVE_INT, "eval_tokens": POSITIVE_INT, "normalize": bool,
+               "model_opt": dict, "label_noise": noise_rate, "imbalance": IMBALANCE}
 #: suite entries that may be null (their option's default is None)
-SUITE_NULLABLE = ("data_dir", "train_size", "test_size", "max_grad_norm", "amp", "device", "train_tokens", "noise_type",
-                  "noise_map", "noisy_labels", "imbalance")
+SUITE_NULLABLE = ("data_dir", "train_size", "test_size", "max_grad_norm", "amp", "device", "train_tokens",
+                  "eval_tokens", "noise_type", "noise_map", "noisy_labels", "imbalance")
 
 
 def _suite_value(key: str, value, what: str):

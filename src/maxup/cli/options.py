@@ -213,6 +213,9 @@ def add_corpus_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per segment (truncated back-propagation through time; default: 35)")
     g.add_argument("--train-tokens", type=POSITIVE_INT, default=None,
                    help="use only the first N training tokens (quick runs)")
+    g.add_argument("--eval-tokens", type=POSITIVE_INT, default=None,
+                   help="evaluate on only the first N tokens of the valid and of the test split (cheaper "
+                        "evaluation on a CPU; default: the whole splits)")
 
 
 def add_optim_options(p: argparse.ArgumentParser, defaults: dict) -> None:

@@ -258,6 +258,7 @@ class LMTask(Task):
                 "max_grad_norm": 0.5}
     keys = ("corpus", "bptt", "train_tokens", "model_opt", "epochs", "batch_size", "optimizer", "lr",
             "momentum", "weight_decay", "warmup_epochs", "amp", "max_grad_norm", "device")
+    optional = {**Task.optional, "eval_tokens": None}
     default_methods = ("erm", "embed_noise(sigma=0.1)", "maxup(m=4)+embed_noise(sigma=0.1)", "word_dropout(p=0.1)",
                        "maxup(m=4)+word_dropout(p=0.1)")
     summary_keys = ("test_perplexity", "val_perplexity", "test_loss", "test_accuracy", "clean_train_perplexity")
@@ -280,15 +281,17 @@ class LMTask(Task):
         return {"task": self.name, **super().config(args, method, seed)}
 
     def load(self, config: Mapping):
-        return load_corpus(corpus_folder(config["corpus"]), bptt=config["bptt"], train_tokens=config["train_tokens"])
+        return load_corpus(corpus_folder(config["corpus"]), bptt=config["bptt"], train_tokens=config["train_tokens"],
+                           eval_tokens=config.get("eval_tokens"))
 
     def model(self, config: Mapping, splits) -> torch.nn.Module:
         return lm_model(splits.num_classes, config["model_opt"])
 
     def budget(self, args, data) -> str:
+        evaluated = f", valid and test cut to {args.eval_tokens} tokens" if args.eval_tokens else ""
         return (f"{data.name} (vocabulary {data.num_classes}, {len(data.train)} training segments of {args.bptt} "
-                f"tokens), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, batch {args.batch_size}, "
-                f"{args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
+                f"tokens{evaluated}), LSTM {dict(args.model_opt) or 'defaults'}, {args.epochs} epochs, "
+                f"batch {args.batch_size}, {args.optimizer} lr {args.lr}, seeds 0..{args.seeds - 1}")
 
     def describe(self, label: str, seed: int, last: dict) -> str:
         return f"{label} seed {seed}: test perplexity {last['test_perplexity']:.2f}{_took(last)}"

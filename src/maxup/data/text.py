@@ -134,21 +134,27 @@ def segments(tokens: torch.Tensor, bptt: int, *, name: str = "tokens") -> Tensor
     return TensorData(x.clone(), y.clone())
 
 
-def load_corpus(path: str | os.PathLike, *, bptt: int = 35, train_tokens: int | None = None) -> DataSplits:
+def load_corpus(path: str | os.PathLike, *, bptt: int = 35, train_tokens: int | None = None,
+                eval_tokens: int | None = None) -> DataSplits:
     """A corpus folder as :class:`DataSplits` of segments (``val`` is ``valid.txt``).
 
     ``num_classes`` is the vocabulary size, ``classes`` the vocabulary, ``input_shape``
-    ``(bptt,)``. ``train_tokens`` keeps only the first N training tokens (quick runs).
+    ``(bptt,)``. ``train_tokens`` keeps only the first N training tokens (quick runs);
+    ``eval_tokens`` only the first N tokens of the valid and of the test split (cheaper
+    evaluation on a CPU; perplexities then describe that prefix).
     """
     bptt = check_int("bptt", bptt)
     corpus = read_corpus(path)
-    train = corpus.train
+    train, valid, test = corpus.train, corpus.valid, corpus.test
     if train_tokens is not None:
         train = train[: check_int("train_tokens", train_tokens, minimum=2)]
+    if eval_tokens is not None:
+        n = check_int("eval_tokens", eval_tokens, minimum=2)
+        valid, test = valid[:n], test[:n]
     return DataSplits(
         train=segments(train, bptt, name=f"{corpus.name} train split"),
-        val=segments(corpus.valid, bptt, name=f"{corpus.name} valid split"),
-        test=segments(corpus.test, bptt, name=f"{corpus.name} test split"),
+        val=segments(valid, bptt, name=f"{corpus.name} valid split"),
+        test=segments(test, bptt, name=f"{corpus.name} test split"),
         num_classes=len(corpus.vocab), input_shape=(bptt,), name=corpus.name, mean=None, std=None,
         classes=corpus.vocab)
 
