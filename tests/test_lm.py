@@ -378,6 +378,9 @@ def test_lm_corpus_command_and_kjv_on_first_use(tmp_path, monkeypatch, capsys):
     (["lm", "--method", "gradaug+word_dropout"], "gradaug is not available for language models"),
     (["compare", "--task", "lm", "--methods", "erm,mixup"], "mixup works on images"),
     (["lm", "--model-opt", "width=3"], "unknown model option(s) 'width'"),
+    (["lm", "--eval-tokens", "0"], "argument --eval-tokens: must be an integer >= 1"),
+    (["compare", "--dataset", "digits", "--methods", "erm", "--eval-tokens", "50"],
+     "--eval-tokens is an option of language modelling"),
 ])
 def test_lm_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
     corpus = ["--corpus", str(words_corpus(tmp_path / "c"))] if "--corpus" not in argv else []

@@ -168,6 +168,10 @@ class ImageTask(Task):
                       if getattr(args, f"robust_{k}", self.optional[f"robust_{k}"]) != self.optional[f"robust_{k}"]]
             if unused:
                 raise ValueError(f"{unused[0]} sets the attack of --robust-eps: give --robust-eps EPS too")
+        lm_only = [k for k in ("train_tokens", "eval_tokens") if getattr(args, k, None) is not None]
+        if lm_only:
+            raise ValueError(f"--{lm_only[0].replace('_', '-')} is an option of language modelling: give --task lm "
+                             "too, or leave it out")
         return super().config(args, method, seed)
 
     def compare_defaults(self, args) -> dict:
