@@ -26,8 +26,8 @@ KJV=${KJV:-kjv}
 # Fashion-MNIST: a ResNet-8 that fits 1,000 or 5,000 images; SGD lr 0.05, cosine decay, weight decay 5e-4; MaxUp
 # after a warm-up of 5 epochs of its base augmentation (the paper's schedule). The fm1k* and fm5k_lt* grids run on
 # two CPU cores (width 16, batch 64, 40 epochs: ERM fits 1,000 images by epoch 25; the test set evaluated only
-# every --eval-every epochs); fm1k takes about two hours, the others 20 to 40 minutes each. fm5k and fm1k_score
-# need a GPU (width 32, batch 128).
+# every --eval-every epochs); fm1k takes about two hours, fm1k_mix and fm1k_adv (with its robust evaluation) about
+# an hour and a half each, the others 20 to 40 minutes each. fm5k and fm1k_score need a GPU (width 32, batch 128).
 FM_DATA="--dataset fashion-mnist $FM_DIR --seeds 3"
 FM_ARGS="$FM_DATA --model resnet --model-opt depth=8"
 FM_CPU="$FM_ARGS --model-opt width=16 --batch-size 64 --epochs 40"
