@@ -82,6 +82,15 @@ class Task:
         config["seed"] = seed
         return config
 
+    def refuse(self, args, options: Mapping, owner: str, task: str) -> None:
+        """A ValueError naming the first of ``options`` (name -> default) that ``args`` sets, when it belongs to the
+        task ``owner`` / ``--task task`` and not to this one (the options every task has are skipped)."""
+        given = [k for k, default in options.items()
+                 if k not in Task.optional and getattr(args, k, default) != default]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} is an option of {owner}, not of --task {self.name}: "
+                             f"give --task {task}, or leave it out")
+
     def load(self, config: Mapping):
         """The data splits of a run (``train``, ``val``, ``test``, ``num_classes``, ...)."""
         raise NotImplementedError
@@ -168,10 +177,7 @@ class ImageTask(Task):
                       if getattr(args, f"robust_{k}", self.optional[f"robust_{k}"]) != self.optional[f"robust_{k}"]]
             if unused:
                 raise ValueError(f"{unused[0]} sets the attack of --robust-eps: give --robust-eps EPS too")
-        lm_only = [k for k in ("train_tokens", "eval_tokens") if getattr(args, k, None) is not None]
-        if lm_only:
-            raise ValueError(f"--{lm_only[0].replace('_', '-')} is an option of language modelling: give --task lm "
-                             "too, or leave it out")
+        self.refuse(args, {"train_tokens": None, **LMTask.optional}, "language modelling", "lm")
         return super().config(args, method, seed)
 
     def compare_defaults(self, args) -> dict:
@@ -277,11 +283,7 @@ class LMTask(Task):
     data_per_seed = False
 
     def config(self, args, method: str, seed: int) -> dict:
-        image_only = [k for k, default in ImageTask.optional.items()
-                      if k not in Task.optional and getattr(args, k, default) != default]
-        if image_only:
-            raise ValueError(f"--{image_only[0].replace('_', '-')} is an option of image classification, not of "
-                             "--task lm")
+        self.refuse(args, ImageTask.optional, "image classification", "image")
         return {"task": self.name, **super().config(args, method, seed)}
 
     def load(self, config: Mapping):
